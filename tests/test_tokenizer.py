@@ -101,3 +101,42 @@ def test_every_training_caption_survives_tokenize_decode_tokenize(tokenizer):
         decoded = tokenizer.decode(ids, skip_special_tokens=True)
         assert decoded == " ".join(normalize(caption)), name
         assert tokenizer(decoded).input_ids == ids, name
+
+
+def _katex_bundle():
+    """The KaTeX ES module that gradio ships, if gradio and node are installed."""
+    import shutil
+
+    try:
+        import gradio
+    except ImportError:
+        return None
+    bundles = sorted((Path(gradio.__file__).parent / "templates" / "frontend" / "assets").glob("katex-*.js"))
+    return bundles[0] if bundles and shutil.which("node") else None
+
+
+@pytest.mark.skipif(_katex_bundle() is None, reason="needs node and the KaTeX bundle shipped with gradio")
+def test_decoded_latex_renders_in_katex(tokenizer, tmp_path):
+    import shutil
+    import subprocess
+
+    texts = ["\\frac {\\sqrt x} 2", "\\sqrt[3]{x}", "f''(x)", "\\left\\{ x \\right\\}", "\\lim_{x\\to0}",
+             "|x \\parallel y|", "\\int\\limits_0^1 x dx \\ldots \\cdots", "A^2_k \\geq \\Delta", "{}_{14}C"]
+    if (CROHME_DIR / "seed_captions").is_dir():
+        lines = (CROHME_DIR / "seed_captions" / "test_caption.txt").read_text(encoding="utf-8").splitlines()
+        texts += [line.partition("\t")[2] for line in lines]
+    decoded = [tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) for text in texts]
+    shutil.copy(_katex_bundle(), tmp_path / "katex.mjs")
+    (tmp_path / "inputs.json").write_text(json.dumps(decoded))
+    (tmp_path / "check.mjs").write_text(
+        "import katex from './katex.mjs';\nimport fs from 'fs';\n"
+        "const failed = [];\n"
+        "for (const e of JSON.parse(fs.readFileSync(process.argv[2]))) {\n"
+        "  try { katex.renderToString(e, {throwOnError: true}); } catch (err) { failed.push(e + ' : ' + err.message); }\n"
+        "}\n"
+        "console.log(JSON.stringify(failed));\n"
+    )
+    result = subprocess.run(["node", str(tmp_path / "check.mjs"), str(tmp_path / "inputs.json")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
