@@ -454,9 +454,8 @@ class HMERImageProcessor(BaseImageProcessor):
                     x = eroded
             # back to output resolution: a u x u box filter gives antialiased edges like the renders
             h, w = x.shape
-            x = np.pad(x, ((0, (-h) % u), (0, (-w) % u)))
-            x = x.reshape(x.shape[0] // u, u, x.shape[1] // u, u).mean(axis=(1, 3), dtype=np.float32)
-            out = torch.from_numpy(x)
+            x = torch.from_numpy(np.pad(x, ((0, (-h) % u), (0, (-w) % u))).astype(np.float32))
+            out = F.avg_pool2d(x[None, None], u)[0, 0]
             off_y, off_x = off_y / u, off_x / u
 
         # Place so that the ink box sits `margin` px from each edge.
