@@ -1,0 +1,307 @@
+"""Tests of the training pipeline: batching, schedule, config, and end-to-end accelerate runs.
+
+The end-to-end tests (marked slow) train the smoke config on a tiny copy of CROHME (72 training and
+8 test expressions taken from ../shared/crohme) and check that
+- two processes (`accelerate launch --multi_gpu --num_processes 2`, gloo on the CPU) train together
+  and end with identical weights;
+- a run killed with SIGKILL after a state save and resumed with --resume ends at the same step
+  with bit-identical weights as an uninterrupted run;
+- the saved best model loads with from_pretrained and `train.evaluate_model` scores it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train.data import (
+    SizeGroupedBatchSampler,
+    heldout_split,
+    padding_efficiency,
+    size_grouped_batches,
+)
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+LAUNCH_FLAGS = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--num_cpu_threads_per_process", "1"]
+
+
+# ----------------------------------------------------------------------------- unit tests
+
+
+def test_heldout_split_is_fixed_disjoint_and_order_free():
+    names = [f"expr_{i}" for i in range(200)]
+    train, heldout = heldout_split(names, 20)
+    assert len(heldout) == 20 and len(train) == 180
+    assert set(train).isdisjoint(heldout) and set(train) | set(heldout) == set(range(200))
+    # Same names in another order: the same expressions are held out.
+    shuffled = names[::-1]
+    _, heldout_shuffled = heldout_split(shuffled, 20)
+    assert {shuffled[i] for i in heldout_shuffled} == {names[i] for i in heldout}
+    # Not simply the first rows.
+    assert set(heldout) != set(range(20))
+    with pytest.raises(ValueError, match="unique"):
+        heldout_split(["a", "a", "b"], 1)
+
+
+def _random_sizes(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(int(h), int(w)) for h, w in zip(rng.integers(40, 200, n), rng.integers(60, 800, n))]
+
+
+def test_size_grouped_batches_respect_budget_and_cover_everything():
+    sizes = _random_sizes()
+    budget, max_batch = 200_000, 12
+    batches = size_grouped_batches(sizes, budget, max_batch, np.random.default_rng(1))
+    flat = sorted(i for batch in batches for i in batch)
+    assert flat == list(range(len(sizes)))
+    for batch in batches:
+        assert len(batch) <= max_batch
+        cost = len(batch) * max(sizes[i][0] for i in batch) * max(sizes[i][1] for i in batch)
+        assert cost <= budget or len(batch) == 1
+    # Grouping by size wastes far less on padding than batches of random composition.
+    order = np.random.default_rng(2).permutation(len(sizes)).tolist()
+    lengths = [len(b) for b in batches]
+    random_batches, start = [], 0
+    for n in lengths:
+        random_batches.append(order[start : start + n])
+        start += n
+    assert padding_efficiency(sizes, batches) > padding_efficiency(sizes, random_batches) + 0.2
+
+
+def test_batch_sampler_is_deterministic_per_epoch_and_shuffled_across_epochs():
+    sizes = _random_sizes()
+    a = SizeGroupedBatchSampler(sizes, 200_000, 12, seed=5)
+    b = SizeGroupedBatchSampler(sizes, 200_000, 12, seed=5)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    epoch3 = list(a)
+    assert epoch3 == list(b) and len(epoch3) == len(a)
+    assert all(key[0] == 3 for batch in epoch3 for key in batch)
+    a.set_epoch(4)
+    epoch4 = list(a)
+    assert [[p for _, p in batch] for batch in epoch4] != [[p for _, p in batch] for batch in epoch3]
+    assert sorted(p for batch in epoch4 for _, p in batch) == list(range(len(sizes)))
+
+
+def test_accelerate_shards_the_batch_sampler_between_processes():
+    from accelerate.data_loader import BatchSamplerShard
+
+    sampler = SizeGroupedBatchSampler(_random_sizes(101), 150_000, 8, seed=0)
+    batches = list(sampler)
+    shards = [list(BatchSamplerShard(sampler, num_processes=2, process_index=i)) for i in range(2)]
+    assert len(shards[0]) == len(shards[1])  # every process runs as many steps
+    assert shards[0][0] != shards[1][0]  # ... on different batches
+    seen = [key for shard in shards for batch in shard for key in batch]
+    assert {key for batch in batches for key in batch} <= set(seen)
+
+
+def test_lr_schedule_warmup_cosine_plateau_and_state():
+    from train.train import LRSchedule
+
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    opt = optimizer()
+    cosine = LRSchedule(opt, "cosine", total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(120):
+        lrs.append(cosine.get_last_lr()[0])
+        cosine.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.55, abs=0.02)
+    assert lrs[100] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)  # stays at the floor
+    # A restored schedule continues where the saved one was.
+    restored = LRSchedule(optimizer(), "cosine", total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    half = LRSchedule(optimizer(), "cosine", total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    for _ in range(37):
+        half.step()
+    restored.load_state_dict(half.state_dict())
+    assert restored.get_last_lr() == half.get_last_lr()
+
+    plateau = LRSchedule(optimizer(), "plateau", total_steps=0, warmup_steps=0, min_lr_ratio=0,
+                         plateau_factor=0.5, plateau_patience=2)
+    for score in (0.1, 0.2, 0.2, 0.15):
+        plateau.epoch_end(score)
+    assert plateau.get_last_lr()[0] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        LRSchedule(optimizer(), "linear", 10, 0, 0)
+
+
+def test_config_overrides_and_unknown_keys(tmp_path, capsys):
+    from train.train import parse_args
+
+    base = ["--config", str(REPO_ROOT / "train/configs/gru.yaml"), "--data_dir", "d", "--output_dir", "o"]
+    args, config = parse_args(base + ["--learning_rate", "5e-4", "--model.decoder_type", "transformer",
+                                      "--augment=false", "--state_dir", str(tmp_path)])
+    assert config["learning_rate"] == 5e-4 and config["augment"] is False
+    assert config["model"]["decoder_type"] == "transformer" and config["model"]["encoder_type"] == "densenet-b"
+    assert config["state_dir"] == str(tmp_path)
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--learning_rat", "1"])
+    assert "unknown option --learning_rat" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["smoke", "gru", "transformer", "small"])
+def test_configs_build_their_model(name):
+    import yaml
+
+    from modeling_hmer import HMERConfig
+    from train.train import DEFAULTS
+
+    config = yaml.safe_load((REPO_ROOT / "train/configs" / f"{name}.yaml").read_text())
+    assert set(config) <= set(DEFAULTS)
+    HMERConfig(**config["model"])  # valid model settings
+
+
+def test_predict_images_skips_blank_images(tiny_model_dir):
+    from train.evaluate_model import load_model_and_processor, predict_images
+
+    model, processor = load_model_and_processor(str(tiny_model_dir))
+    ink = np.zeros((60, 120), np.uint8)
+    ink[20:40, 10:110] = 255
+    ink[10:50, 55:65] = 255
+    blank = np.zeros((60, 120), np.uint8)
+    predictions = predict_images(model, processor, [ink, blank, ink], max_new_tokens=5, batch_size=2)
+    assert predictions[1] is None
+    assert isinstance(predictions[0], str) and predictions[0] == predictions[2]
+    assert len(predictions[0].split()) <= 5
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_crohme(shared_crohme, tmp_path_factory) -> Path:
+    """72 training expressions (every k-th file of each sub-corpus) and 8 of the 2014 test set."""
+    folder = tmp_path_factory.mktemp("tiny_crohme")
+    for stem, count in (("TrainINKML", 72), ("TestEM2014GT", 8)):
+        source = shared_crohme / f"{stem}.tar.gz"
+        if not source.is_file():
+            pytest.skip(f"{source} not found")
+        with tarfile.open(source) as archive:
+            members = sorted((m for m in archive if m.isfile() and m.name.endswith(".inkml")
+                              and m.size > 0), key=lambda m: m.name)
+            step = max(1, len(members) // count)
+            for member in members[::step][:count]:
+                target = folder / member.name.removeprefix("./")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.extractfile(member).read())
+    return folder
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
+    return env
+
+
+def _train_command(num_processes: int, data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    launch = ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else ["--cpu"]
+    return [*ACCELERATE, *launch, *LAUNCH_FLAGS, str(REPO_ROOT / "train/train.py"),
+            "--config", str(REPO_ROOT / "train/configs/smoke.yaml"), "--data_dir", str(data_dir),
+            "--cache_dir", str(run_dir.parent / "datasets_cache"), "--output_dir", str(run_dir / "model"),
+            "--state_dir", str(run_dir / "state"), "--num_threads", "1", *extra]
+
+
+def _run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "state" / "last_run.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_crohme, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "ddp"
+    _run(_train_command(2, tiny_crohme, run_dir, "--num_epochs", "1"))
+    return run_dir
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_and_end_with_identical_weights(two_process_run):
+    summary = _summary(two_process_run)
+    assert summary["num_processes"] == 2
+    digests = summary["weights_sha256_per_process"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    # 48 expressions in size-grouped batches, split between 2 processes: each ran half the batches.
+    log = json.loads((two_process_run / "model" / "training_log.json").read_text())
+    assert log["epochs"] == 1 and 0 < summary["global_step"] < 48
+    model_dir = two_process_run / "model"
+    for name in ("model.safetensors", "config.json", "generation_config.json", "vocab.json",
+                 "processor_config.json", "README.md", "training_curves.png"):
+        assert (model_dir / name).is_file(), name
+    card = (model_dir / "README.md").read_text()
+    assert "| epoch | step | ExpRate |" in card and "accelerate launch train/train.py" in card
+    assert list((two_process_run / "state" / "logs").rglob("events.out.tfevents*")), "no TensorBoard log"
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_at_the_same_step_with_the_same_result(tiny_crohme, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("resume")
+    extra = ("--save_every_steps", "4")
+    _run(_train_command(1, tiny_crohme, runs / "straight", *extra))
+    straight = _summary(runs / "straight")
+
+    # Same run, killed (SIGKILL, the whole process group) once the state of step 8 is on disk.
+    command = _train_command(1, tiny_crohme, runs / "killed", *extra)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    saved = runs / "killed" / "state" / "step_000000008"
+    deadline = time.time() + 240
+    try:
+        while not saved.is_dir() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert saved.is_dir(), "the run never saved the state of step 8"
+    assert not (runs / "killed" / "state" / "last_run.json").exists(), "the run finished before it was killed"
+
+    resumed = _run(command + ["--resume"])
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    text = resumed.stdout + resumed.stderr
+    resumed_step = int(text.split("resumed from")[1].split("step ")[1].split(",")[0])
+    assert resumed_step >= 8
+    summary = _summary(runs / "killed")
+    assert summary["global_step"] == straight["global_step"] and summary["epochs"] == straight["epochs"]
+    # Same data order, augmentation, dropout draws, optimizer and learning rate: the same weights.
+    assert summary["weights_sha256_per_process"] == straight["weights_sha256_per_process"]
+
+
+@pytest.mark.slow
+def test_saved_model_loads_and_the_evaluation_cli_scores_it(two_process_run, tiny_crohme, tmp_path):
+    from modeling_hmer import HMERForConditionalGeneration
+
+    model_dir = two_process_run / "model"
+    model = HMERForConditionalGeneration.from_pretrained(model_dir)
+    assert model.config.hidden_size == 32
+    output = tmp_path / "test_2014.json"
+    result = _run([sys.executable, "-m", "train.evaluate_model", "--model", str(model_dir),
+                   "--data_dir", str(tiny_crohme), "--split", "test_2014", "--limit", "4",
+                   "--max_new_tokens", "10", "--num_threads", "1",
+                   "--cache_dir", str(two_process_run.parent / "datasets_cache"), "--output_json", str(output)])
+    assert "exprate" in result.stdout
+    figures = json.loads(output.read_text())
+    assert figures["n_scored"] + figures["n_skipped"] == 4
+    for key in ("exprate", "le1", "le2", "le3", "ser", "ms_per_image"):
+        assert key in figures
+    assert 0 <= figures["exprate"] <= figures["le1"] <= figures["le2"] <= figures["le3"] <= 1
+    rows = (tmp_path / "test_2014.predictions.tsv").read_text().splitlines()
+    assert rows[0] == "name\treference\tprediction\tdistance" and len(rows) == 1 + figures["n_scored"]

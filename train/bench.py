@@ -1,0 +1,201 @@
+"""Training and inference speed of the HMER models on this machine.
+
+    python -m train.bench            # both decoders, fp32 / bf16, with and without channels_last
+    python -m train.bench --quick    # the default model only, fewer settings and repeats
+    python -m train.bench --profile  # where the time of a training step and of greedy decoding goes
+
+Training: images per second of a full step (forward, backward, AdamW) on a batch of 8 images of
+one size with 40-token targets. Inference: milliseconds per image to decode one image with greedy
+search and with beam search (beam 10), end-of-sequence forbidden (`min_new_tokens`) so that every
+run decodes exactly 40 tokens. Weights are random: only the amount of work matters here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+SIZES = {"64x256": (64, 256), "100x400": (100, 400), "128x512": (128, 512)}
+SETTINGS = {  # name: (autocast dtype or None, channels_last)
+    "fp32": (None, False),
+    "fp32 + channels_last": (None, True),
+    "bf16": (torch.bfloat16, False),
+    "bf16 + channels_last": (torch.bfloat16, True),
+}
+
+
+def build_model(decoder: str, channels_last: bool, **overrides):
+    from modeling_hmer.configuration_hmer import HMERConfig
+    from modeling_hmer.modeling_hmer import HMERForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = HMERForConditionalGeneration(HMERConfig(decoder_type=decoder, **overrides))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def fake_batch(batch_size: int, height: int, width: int, target_length: int, vocab_size: int, eos: int,
+               channels_last: bool) -> dict:
+    """Random ink-like images (a few dark-on-light strokes do not change the work) and targets."""
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = (torch.rand(batch_size, 1, height, width, generator=generator) > 0.9).float()
+    if channels_last:
+        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(4, vocab_size, (batch_size, target_length), generator=generator)
+    labels[:, -1] = eos
+    return {
+        "pixel_values": pixel_values,
+        "pixel_mask": torch.ones(batch_size, height, width, dtype=torch.long),
+        "labels": labels,
+    }
+
+
+def autocast(dtype):
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def train_images_per_second(model, batch: dict, dtype, steps: int, warmup: int = 1) -> float:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        with autocast(dtype):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch["labels"].shape[0] / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def inference_ms(model, batch: dict, dtype, num_beams: int, tokens: int, repeats: int) -> float:
+    model.eval()
+    pixel_values, pixel_mask = batch["pixel_values"][:1], batch["pixel_mask"][:1]
+    # min_new_tokens forbids end-of-sequence, so random weights decode exactly `tokens` tokens.
+    settings = {"num_beams": num_beams, "max_new_tokens": tokens, "min_new_tokens": tokens}
+    with autocast(dtype):
+        model.generate(pixel_values=pixel_values, pixel_mask=pixel_mask, **settings)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = model.generate(pixel_values=pixel_values, pixel_mask=pixel_mask, **settings)
+        elapsed = time.perf_counter() - start
+    sequences = out if torch.is_tensor(out) else out.sequences
+    if sequences.shape[-1] < tokens:
+        print(f"  note: decoding stopped after {sequences.shape[-1]} tokens", file=sys.stderr)
+    return 1000 * elapsed / repeats
+
+
+def run_benchmark(decoders, settings, sizes, batch_size, target_length, train_steps, beams, repeats) -> list[dict]:
+    results = []
+    for decoder in decoders:
+        for setting in settings:
+            dtype, channels_last = SETTINGS[setting]
+            model = build_model(decoder, channels_last)
+            eos, vocab = model.config.eos_token_id, model.config.vocab_size
+            for size in sizes:
+                height, width = SIZES[size]
+                batch = fake_batch(batch_size, height, width, target_length, vocab, eos, channels_last)
+                row = {"decoder": decoder, "setting": setting, "size": size,
+                       "train_images_per_s": train_images_per_second(model, batch, dtype, train_steps)}
+                for beam in beams:
+                    row[f"ms_beam{beam}"] = inference_ms(model, batch, dtype, beam, target_length, repeats)
+                results.append(row)
+                print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}),
+                      flush=True)
+    return results
+
+
+def format_tables(results: list[dict], sizes, beams) -> str:
+    lines = []
+    for decoder in dict.fromkeys(r["decoder"] for r in results):
+        rows = [r for r in results if r["decoder"] == decoder]
+        lines += ["", f"### {decoder} decoder: training images/s (batch of same-size images)", "",
+                  "| setting | " + " | ".join(sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+        for setting in dict.fromkeys(r["setting"] for r in rows):
+            cells = {r["size"]: r["train_images_per_s"] for r in rows if r["setting"] == setting}
+            lines.append(f"| {setting} | " + " | ".join(f"{cells[s]:.1f}" for s in sizes) + " |")
+        for beam in beams:
+            lines += ["", f"### {decoder} decoder: inference ms per image, {'greedy' if beam == 1 else f'beam {beam}'}",
+                      "", "| setting | " + " | ".join(sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+            for setting in dict.fromkeys(r["setting"] for r in rows):
+                cells = {r["size"]: r[f"ms_beam{beam}"] for r in rows if r["setting"] == setting}
+                lines.append(f"| {setting} | " + " | ".join(f"{cells[s]:.0f}" for s in sizes) + " |")
+    return "\n".join(lines)
+
+
+def profile(decoder: str, size: str, batch_size: int, target_length: int, rows: int) -> None:
+    """torch.profiler tables (self CPU time) of two training steps and one greedy decoding."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    dtype, channels_last = SETTINGS["bf16 + channels_last"]
+    model = build_model(decoder, channels_last)
+    height, width = SIZES[size]
+    batch = fake_batch(batch_size, height, width, target_length, model.config.vocab_size,
+                       model.config.eos_token_id, channels_last)
+    train_images_per_second(model, batch, dtype, steps=1)  # warm up
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_images_per_second(model, batch, dtype, steps=2, warmup=0)
+    print(f"\n## training step, {decoder} decoder, batch {batch_size} of {size}, bf16 + channels_last\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    inference_ms(model, batch, dtype, 1, target_length, 1)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        inference_ms(model, batch, dtype, 1, target_length, 1)
+    print(f"\n## greedy decoding of one {size} image, {target_length} tokens\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="default model, fp32 and bf16 + channels_last only")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables instead")
+    parser.add_argument("--decoders", nargs="+", default=None, choices=["gru", "transformer"])
+    parser.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS))
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--target_length", type=int, default=40)
+    parser.add_argument("--train_steps", type=int, default=None, help="timed training steps per cell")
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--rows", type=int, default=25, help="profile: rows per table")
+    parser.add_argument("--output_json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+
+    if args.profile:
+        profile((args.decoders or ["gru"])[0], args.sizes[1] if len(args.sizes) > 1 else args.sizes[0],
+                args.batch_size, args.target_length, args.rows)
+        return []
+    decoders = args.decoders or (["gru"] if args.quick else ["gru", "transformer"])
+    settings = args.settings or (["fp32", "bf16 + channels_last"] if args.quick else list(SETTINGS))
+    train_steps = args.train_steps or (2 if args.quick else 4)
+    results = run_benchmark(decoders, settings, args.sizes, args.batch_size, args.target_length, train_steps,
+                            args.beams, repeats=1 if args.quick else 2)
+    print(format_tables(results, args.sizes, args.beams))
+    if args.output_json:
+        args.output_json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Training data helpers: the fixed held-out slice, the augmented dataset, size-grouped batches.
+
+Everything here is deterministic given (seed, epoch), so a resumed run sees exactly the batches
+and augmentations that an uninterrupted run would have seen:
+
+- `heldout_split` picks the model-selection slice of the training set by a salted hash of each
+  expression's name (independent of the training seed, so every run selects on the same slice);
+- `HMERTrainDataset` renders each expression from its strokes with random stroke-level
+  augmentation drawn from `np.random.default_rng((seed, epoch, index))`, or returns the
+  standard render when augmentation is off;
+- `SizeGroupedBatchSampler` groups expressions of similar image size into batches under a pixel
+  budget (padding a batch to its largest image wastes up to 40% of the work otherwise) and
+  shuffles the batches every epoch with a generator seeded by (seed, epoch);
+- `HMERCollator` turns a list of items into model inputs with the same `HMERProcessor` that
+  inference uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+HELDOUT_SALT = "hmer-heldout-v1"
+
+
+def heldout_split(names: Sequence[str], heldout_size: int, salt: str = HELDOUT_SALT) -> tuple[list[int], list[int]]:
+    """Splits dataset row indices into (train, held-out) by a salted hash of each name.
+
+    The held-out slice is the `heldout_size` names with the smallest hash: it depends only on the
+    names and the salt, never on a seed, a limit or the row order. Both lists come back in hash
+    order (a well-mixed order across the CROHME sub-corpora).
+    """
+    if heldout_size < 0 or heldout_size >= len(names):
+        raise ValueError(f"heldout_size must be in [0, {len(names)}), got {heldout_size}")
+    if len(set(names)) != len(names):
+        raise ValueError("expression names must be unique to select a held-out slice by name")
+    keys = [hashlib.sha1(f"{salt}:{name}".encode()).hexdigest() for name in names]
+    order = sorted(range(len(names)), key=keys.__getitem__)
+    return order[heldout_size:], order[:heldout_size]
+
+
+def as_uint8_image(image) -> np.ndarray:
+    """A dataset "image" cell (PIL image or array) as a (H, W) uint8 array."""
+    array = np.asarray(image.convert("L") if hasattr(image, "convert") else image)
+    if array.ndim == 3:
+        array = array[..., 0]
+    return array.astype(np.uint8, copy=False)
+
+
+def image_sizes(dataset) -> list[tuple[int, int]]:
+    """(height, width) of the standard render of every row, read without decoding the pixels."""
+    from PIL import Image
+
+    sizes = []
+    for cell in dataset.cast_column("image", _undecoded_image_feature())["image"]:
+        if cell.get("bytes") is not None:
+            import io
+
+            with Image.open(io.BytesIO(cell["bytes"])) as im:
+                sizes.append((im.height, im.width))
+        else:
+            with Image.open(cell["path"]) as im:
+                sizes.append((im.height, im.width))
+    return sizes
+
+
+def _undecoded_image_feature():
+    import datasets
+
+    return datasets.Image(decode=False)
+
+
+class HMERTrainDataset(Dataset):
+    """Rows of a CROHME `datasets.Dataset` as {"image": uint8 (H, W), "text": str, "name": str}.
+
+    Keys are either a row index or `(epoch, index)`: the sampler passes the epoch along with
+    the index so that a worker process, which holds its own copy of this object, draws the same
+    augmentation as the main process would, whatever the number of workers.
+    """
+
+    def __init__(self, dataset, indices: Optional[Sequence[int]] = None, augment: bool = False, seed: int = 0):
+        self.dataset = dataset
+        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+        self.augment = augment
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        epoch, position = key if isinstance(key, tuple) else (0, key)
+        row = self.dataset[int(self.indices[position])]
+        if self.augment:
+            image = self.render_augmented(row["strokes"], np.random.default_rng((self.seed, epoch, position)))
+        else:
+            image = as_uint8_image(row["image"])
+        return {"image": image, "text": " ".join(row["tokens"]), "name": row["name"]}
+
+    @staticmethod
+    def render_augmented(strokes, rng: np.random.Generator) -> np.ndarray:
+        from data_scripts.augment import augment_strokes
+        from data_scripts.render import render_strokes
+
+        strokes = [np.asarray(stroke, dtype=np.float32) for stroke in strokes]
+        strokes, render_kwargs = augment_strokes(strokes, rng)
+        return render_strokes(strokes, **render_kwargs)
+
+
+def size_grouped_batches(
+    sizes: Sequence[tuple[int, int]],
+    pixel_budget: int,
+    max_batch_size: int,
+    rng: Optional[np.random.Generator] = None,
+    jitter: float = 0.05,
+) -> list[list[int]]:
+    """Groups positions 0..len(sizes)-1 into batches of similar image size.
+
+    A batch is padded to its tallest and widest image, so its cost is
+    len(batch) * max(height) * max(width): batches are filled in order of size while that cost
+    stays within `pixel_budget` and the batch within `max_batch_size` (an image larger than the
+    budget gets a batch of its own). With `rng`, each size is scaled by a random factor in
+    [1 - jitter, 1 + jitter] before sorting, so that batch membership changes from epoch to
+    epoch while sizes stay close. Batches come back in size order.
+    """
+    if pixel_budget <= 0 or max_batch_size <= 0:
+        raise ValueError(f"pixel_budget and max_batch_size must be positive, got {pixel_budget}, {max_batch_size}")
+    heights = np.array([h for h, _ in sizes], dtype=np.float64)
+    widths = np.array([w for _, w in sizes], dtype=np.float64)
+    if rng is not None and jitter > 0:
+        noise = rng.uniform(1 - jitter, 1 + jitter, size=(2, len(sizes)))
+        heights_key, widths_key = heights * noise[0], widths * noise[1]
+    else:
+        heights_key, widths_key = heights, widths
+    # Rows of similar height (16 px bands, the encoder stride) first, then width within a band.
+    order = np.lexsort((widths_key, np.floor(heights_key / 16)))
+    batches, batch, max_h, max_w = [], [], 0.0, 0.0
+    for position in order.tolist():
+        h, w = max(max_h, heights[position]), max(max_w, widths[position])
+        if batch and ((len(batch) + 1) * h * w > pixel_budget or len(batch) >= max_batch_size):
+            batches.append(batch)
+            batch, h, w = [], heights[position], widths[position]
+        batch.append(position)
+        max_h, max_w = h, w
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+class SizeGroupedBatchSampler(Sampler):
+    """Batch sampler over dataset positions: size-grouped batches, shuffled, deterministic per epoch.
+
+    Yields lists of `(epoch, position)` keys (see `HMERTrainDataset`). Call `set_epoch` before
+    each epoch; `len()` is the number of batches of the current epoch. Under `accelerate`,
+    `prepare` wraps it in a `BatchSamplerShard` that hands batch i to process i % num_processes
+    (and repeats the first batches so every process gets as many).
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[tuple[int, int]],
+        pixel_budget: int,
+        max_batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        jitter: float = 0.05,
+    ):
+        self.sizes = list(sizes)
+        self.pixel_budget = pixel_budget
+        self.max_batch_size = max_batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.jitter = jitter
+        self.epoch = 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+        # accelerate reads `batch_size`; None means "batches of varying size".
+        self.batch_size = None
+        self.drop_last = False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def batches(self, epoch: Optional[int] = None) -> list[list[int]]:
+        epoch = self.epoch if epoch is None else epoch
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        if self.shuffle:
+            rng = np.random.default_rng((self.seed, epoch))
+            batches = size_grouped_batches(self.sizes, self.pixel_budget, self.max_batch_size, rng, self.jitter)
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        else:
+            batches = size_grouped_batches(self.sizes, self.pixel_budget, self.max_batch_size)
+        self._cache = (epoch, batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.epoch
+        for batch in self.batches(epoch):
+            yield [(epoch, position) for position in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+def padding_efficiency(sizes: Sequence[tuple[int, int]], batches: Sequence[Sequence[int]]) -> float:
+    """Share of the padded batch pixels that belong to an image (1.0 = no padding)."""
+    useful = padded = 0
+    for batch in batches:
+        hs = [sizes[i][0] for i in batch]
+        ws = [sizes[i][1] for i in batch]
+        useful += sum(h * w for h, w in zip(hs, ws))
+        padded += len(batch) * max(hs) * max(ws)
+    return useful / max(padded, 1)
+
+
+class HMERCollator:
+    """Items of `HMERTrainDataset` -> {"pixel_values", "pixel_mask", "labels"} through the processor.
+
+    pixel_values: (B, 1, H, W) float, ink 1.0 on 0.0; pixel_mask: (B, H, W) 1 = image;
+    labels: (B, T) long ending in eos, padded with -100.
+    """
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, items: list[dict]) -> dict:
+        encoded = self.processor(
+            images=[item["image"] for item in items], text=[item["text"] for item in items], return_tensors="pt"
+        )
+        return {key: encoded[key] for key in ("pixel_values", "pixel_mask", "labels")}
+
+
+def seeded_worker_init(worker_id: int) -> None:
+    """Keeps each data-loader worker single-threaded: the training process uses the cores."""
+    torch.set_num_threads(1)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return int(math.ceil(a / b))
