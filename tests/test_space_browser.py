@@ -1,0 +1,262 @@
+"""The Space in a real browser: draw on the sketch pad with the mouse, press Recognize, read the page.
+
+Headless Chromium (Debian's `chromium` package) driven by Python playwright; `playwright install`
+cannot download browsers here, so the test uses /usr/bin/chromium (or $HMER_CHROMIUM) and skips with
+the reason when it or playwright is missing. The app runs in this process on 127.0.0.1 with a tiny
+random model; every request that leaves the loopback server is blocked and recorded, which also
+proves that the formula renders (KaTeX and its fonts) with no network.
+
+    pytest tests/test_space_browser.py -s          # prints where the screenshot is
+    HMER_WRITE_EXAMPLES=space/examples pytest tests/test_space_browser.py   # (re)writes the Space's example PNGs
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_space import launch_app, load_space_app, space_model_dir  # noqa: F401  (fixture)
+
+playwright_sync = pytest.importorskip("playwright.sync_api", reason="Python playwright is not installed")
+
+CHROMIUM = os.environ.get("HMER_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"no Chromium at {CHROMIUM} (install Debian's: apt-get install -y chromium)",
+                allow_module_level=True)
+
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync",
+]
+CANVAS = (800, 300)  # the sketch pad's canvas_size in app.py
+EMPTY_MESSAGE = "draw or upload an expression"
+
+# A small stroke font: each glyph is a list of strokes in a box 1 unit high (y down, baseline at 1).
+GLYPHS = {
+    "x": [[(0.0, 0.4), (0.6, 1.0)], [(0.6, 0.4), (0.0, 1.0)]],
+    "y": [[(0.0, 0.4), (0.3, 0.85)], [(0.6, 0.4), (0.15, 1.3)]],
+    "a": [[(0.5, 0.5), (0.35, 0.4), (0.12, 0.45), (0.0, 0.7), (0.08, 0.95), (0.3, 1.0), (0.5, 0.8)],
+          [(0.5, 0.4), (0.5, 0.9), (0.6, 1.0)]],
+    "b": [[(0.05, 0.0), (0.05, 1.0)],
+          [(0.05, 0.65), (0.25, 0.45), (0.45, 0.5), (0.55, 0.75), (0.45, 0.95), (0.25, 1.0), (0.05, 0.9)]],
+    "1": [[(0.0, 0.2), (0.2, 0.0), (0.2, 1.0)]],
+    "2": [[(0.05, 0.25), (0.15, 0.08), (0.32, 0.0), (0.5, 0.05), (0.6, 0.22), (0.55, 0.42), (0.3, 0.7),
+           (0.0, 1.0), (0.65, 1.0)]],
+    "+": [[(0.0, 0.65), (0.6, 0.65)], [(0.3, 0.35), (0.3, 0.95)]],
+    "=": [[(0.0, 0.55), (0.6, 0.55)], [(0.0, 0.8), (0.6, 0.8)]],
+    "-": [[(0.0, 0.0), (1.0, 0.0)]],  # a bar of unit length at the baseline (fraction bar)
+}
+
+# Expressions: (name, [(glyph, left x, baseline y, size in canvas pixels), ...]) on the 800x300 canvas.
+EXPRESSIONS = [
+    ("x_squared_plus_1", [("x", 190, 210, 110), ("2", 268, 130, 60), ("+", 345, 210, 110), ("1", 450, 210, 110)]),
+    ("a_over_b", [("a", 362, 128, 95), ("-", 330, 150, 140), ("b", 372, 268, 95)]),
+    ("y_equals_2x_plus_1", [("y", 110, 190, 100), ("=", 200, 190, 100), ("2", 290, 190, 100),
+                            ("x", 370, 190, 100), ("+", 460, 190, 100), ("1", 560, 190, 100)]),
+]
+
+
+def expression_strokes(items) -> list[list[tuple[float, float]]]:
+    """Layout -> strokes in canvas pixels."""
+    strokes = []
+    for glyph, left, baseline, size in items:
+        for stroke in GLYPHS[glyph]:
+            strokes.append([(left + u * size, baseline - size + v * size) if glyph != "-" else
+                            (left + u * size, baseline) for u, v in stroke])
+    return strokes
+
+
+class SketchPad:
+    """Mouse access to the gradio sketch pad: canvas pixels -> screen points."""
+
+    def __init__(self, page):
+        self.page = page
+        self.root = page.locator("#sketchpad")
+
+    def brush_selected(self) -> bool:
+        return "highlight" in (self.root.locator('button[aria-label="Brush"]').get_attribute("class") or "")
+
+    def screen_transform(self):
+        """Canvas pixels -> screen points: the editor shows the canvas centred in its <canvas> element,
+        scaled by the zoom it displays."""
+        box = self.root.locator("canvas").first.bounding_box()
+        zoom = float(self.root.locator(".zoom-number span").inner_text().strip().rstrip("%")) / 100
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        return lambda x, y: (cx + (x - CANVAS[0] / 2) * zoom, cy + (y - CANVAS[1] / 2) * zoom)
+
+    def draw(self, strokes) -> None:
+        """Each stroke: press, move through its points (the brush joins them with straight lines), release."""
+        to_screen, mouse = self.screen_transform(), self.page.mouse
+        for stroke in strokes:
+            mouse.move(*to_screen(*stroke[0]))
+            mouse.down()
+            for point in stroke[1:]:
+                mouse.move(*to_screen(*point))
+            mouse.up()
+        self.page.wait_for_timeout(300)
+
+    def press(self, label: str) -> None:
+        self.root.locator(f'button[aria-label="{label}"]').click()
+        self.page.wait_for_timeout(300)
+
+
+def ink_box(image: Image.Image) -> tuple[int, int, int, int] | None:
+    """Bounding box (left, top, right, bottom) of dark pixels."""
+    dark = np.asarray(image.convert("L")) < 128
+    if not dark.any():
+        return None
+    rows, cols = np.flatnonzero(dark.any(1)), np.flatnonzero(dark.any(0))
+    return cols[0], rows[0], cols[-1] + 1, rows[-1] + 1
+
+
+@pytest.fixture(scope="module")
+def server(space_model_dir):
+    """(url, recorded input images): the app on 127.0.0.1 with a spy on what the model is given."""
+    app = load_space_app()
+    demo = app.build_demo(space_model_dir)
+    seen: list[Image.Image] = []
+    recognize = demo.recognizer.recognize
+
+    def spy(image, **kwargs):
+        seen.append(image.copy())
+        return recognize(image, **kwargs)
+
+    demo.recognizer.recognize = spy
+    with launch_app(demo, app) as url:
+        yield url, seen
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_sync.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh page on the app; requests to anything but the app's own server are aborted and recorded."""
+    url = server[0]
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.outside = []
+
+    def guard(route):
+        if route.request.url.startswith((url, "data:", "blob:")):
+            route.continue_()
+        else:
+            page.outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", guard)
+    page.goto(url, wait_until="load")
+    page.wait_for_selector("#sketchpad canvas")
+    pad = SketchPad(page)
+    page.wait_for_function("() => (document.querySelector('#sketchpad button[aria-label=\"Brush\"]')"
+                           "?.className || '').includes('highlight')")
+    page.pad = pad
+    yield page
+    context.close()
+
+
+def recognize_and_wait(page, seen: list) -> None:
+    """Press Recognize; return once the model got the image and the page shows the answer."""
+    before = len(seen)
+    page.locator("#recognize").click()
+    for _ in range(600):
+        if len(seen) > before:
+            break
+        page.wait_for_timeout(100)
+    assert len(seen) > before, "the Recognize button did not reach the model"
+    # Gradio shows a status tracker over each output while the event runs and hides it after.
+    page.wait_for_function(
+        "() => document.querySelector('#latex [data-testid=\"status-tracker\"]').classList.contains('hide')")
+
+
+def test_draw_recognize_gallery(page, server, tmp_path_factory):
+    url, seen = server
+    pad = page.pad
+    assert pad.brush_selected(), "the brush should be selected when the page opens"
+    write_examples = os.environ.get("HMER_WRITE_EXAMPLES")
+    shots = tmp_path_factory.mktemp("space_screenshots")
+
+    # Two drawings exercise undo and clear; all three when writing the Space's examples.
+    for index, (name, items) in enumerate(EXPRESSIONS if write_examples else EXPRESSIONS[:2]):
+        strokes = expression_strokes(items)
+        if index:
+            pad.press("Clear canvas")
+        pad.draw(strokes)
+        if index == 0:  # a stray stroke, then Undo: it must not reach the model
+            pad.draw([[(740, 40), (780, 280)]])
+            pad.press("Undo")
+        recognize_and_wait(page, seen)
+
+        # What the model got is the drawing: same canvas size, ink where the strokes went, nothing else.
+        image = seen[-1]
+        assert image.size == CANVAS
+        drawn = np.array([point for stroke in strokes for point in stroke])
+        expected = (*drawn.min(0), *drawn.max(0))
+        box = ink_box(image)
+        assert box is not None, "the drawing reached the model empty"
+        assert all(abs(a - b) < 15 for a, b in zip(box, expected)), (box, expected)
+        if write_examples:
+            Path(write_examples).mkdir(parents=True, exist_ok=True)
+            image.convert("L").save(Path(write_examples) / f"{name}.png", optimize=True)
+
+        latex = page.locator("#latex textarea").input_value()
+        tokens = latex.split()
+        assert tokens, "the LaTeX box is empty"
+        # The gallery gets all its pictures in one update: once one shows, all are there.
+        page.locator("#attention .thumbnail-item img").first.wait_for(state="visible")
+        captions = page.locator("#attention .thumbnail-item").all_inner_texts()
+        pictures = page.locator("#attention .thumbnail-item img").count()
+        assert pictures == len(tokens), (pictures, latex)
+        assert [c.split(". ", 1)[-1].strip() for c in captions] == tokens
+
+        # The formula is rendered by the bundled KaTeX, with its fonts, with no network.
+        assert page.locator("#rendered .katex").count() >= 1
+        if index == 0:
+            screenshot = shots / "space_drawn.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            print(f"\nscreenshot: {screenshot}")
+
+    page.wait_for_function("() => document.fonts.status === 'loaded'")
+    katex_fonts = page.evaluate(
+        "() => [...document.fonts].filter(f => f.family.includes('KaTeX') && f.status === 'loaded').length")
+    assert katex_fonts >= 1, "KaTeX fonts did not load from the app's own server"
+    assert page.outside == [], f"the page tried to reach the network: {page.outside}"
+
+
+def test_empty_canvas_says_what_to_do(page, server):
+    url, seen = server
+    before = len(seen)
+    page.locator("#recognize").click()
+    page.get_by_text(EMPTY_MESSAGE).first.wait_for(state="visible")
+    assert len(seen) == before, "a blank canvas must not reach the model"
+    assert page.locator("#latex textarea").input_value() == ""
+    assert page.outside == []
+
+
+def test_upload_tab_example(page, server):
+    """The Upload tab: pick one of the Space's examples, press Recognize; the model gets that picture."""
+    url, seen = server
+    examples = sorted((Path(__file__).resolve().parent.parent / "space" / "examples").glob("*.png"))
+    if not examples:
+        pytest.skip("no space/examples/*.png yet (make them with HMER_WRITE_EXAMPLES=space/examples)")
+    page.get_by_role("tab", name="Upload").click()
+    page.locator("#upload").wait_for(state="visible")
+    page.locator(".gallery-item, [data-testid='examples'] button, .examples button").first.click()
+    page.locator("#upload img").first.wait_for(state="visible")
+    recognize_and_wait(page, seen)
+    got = np.asarray(seen[-1].convert("L"))
+    expected = np.asarray(Image.open(examples[0]).convert("L"))
+    assert got.shape == expected.shape and np.abs(got.astype(int) - expected).max() <= 2
+    assert page.locator("#latex textarea").input_value().strip()
+    assert page.outside == []
