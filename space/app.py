@@ -535,6 +535,7 @@ def launch_kwargs() -> dict:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     try:
         demo = build_demo()
     except ModelNotFoundError as error:

@@ -5,7 +5,8 @@ cycling through the drawings in space/examples/ (made on the sketch pad by the b
 
 - `api`: the `/recognize` endpoint (image file in, LaTeX and candidates out);
 - `ui`: what the Recognize button runs (sketch pad value in; LaTeX, rendered formula, candidates
-  table and one attention picture per token out, the pictures downloaded like a browser would).
+  table and one attention picture per token out; the time stops when the result arrives, before
+  the browser would fetch the pictures).
 
 Without a trained model (no --model, no checkpoints/), a model with the default architecture
 (densenet-b encoder, GRU decoder) and random weights is used; since random weights stop at random
@@ -93,7 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     demo = app.build_demo(model_path)
     demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True, **app.launch_kwargs())
-    client = Client(demo.local_url, verbose=False, download_files=tempfile.mkdtemp())
+    # The answer is there when the event's result arrives; like a browser, fetch the gallery's
+    # pictures after that (not timed).
+    client = Client(demo.local_url, verbose=False, download_files=False)
 
     def request(endpoint: str, image: str, beams: int):
         if endpoint == "api":

@@ -264,3 +264,22 @@ def test_sketch_pad_value_to_image(app):
     white_ink = Image.new("RGBA", (400, 200), (255, 255, 255, 0))
     ImageDraw.Draw(white_ink).line([(50, 50), (350, 150)], fill=(255, 255, 255, 255), width=5)
     assert app.prepare_image(white_ink).mode == "RGBA"
+
+
+def test_loads_without_the_package(space_model_dir, drawing):
+    """A Space holding only app.py and the model folder: the saved code loads with trust_remote_code."""
+    script = f"""
+import importlib.util, sys
+sys.modules["modeling_hmer"] = None  # `import modeling_hmer` fails, as on a Space without the package
+spec = importlib.util.spec_from_file_location("app", {str(APP_FILE)!r})
+app = importlib.util.module_from_spec(spec); sys.modules["app"] = app; spec.loader.exec_module(app)
+recognizer = app.Recognizer({str(space_model_dir)!r})
+result = recognizer.recognize(app.open_image_file({drawing!r}), num_beams=2)
+print(type(recognizer.model).__module__, len(result.tokens), result.attention_maps.shape[0], repr(result.latex))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    module, n_tokens, n_maps, latex = run.stdout.strip().splitlines()[-1].split(" ", 3)
+    assert module.startswith("transformers_modules."), module
+    assert int(n_tokens) == int(n_maps) > 0 and latex.strip("'")

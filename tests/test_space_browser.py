@@ -29,6 +29,8 @@ if not Path(CHROMIUM).is_file():
     pytest.skip(f"no Chromium at {CHROMIUM} (install Debian's: apt-get install -y chromium)",
                 allow_module_level=True)
 
+pytestmark = pytest.mark.slow
+
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync",
