@@ -14,6 +14,7 @@ its targets are the reversed tokens followed by eos.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -849,19 +850,27 @@ class HMERForConditionalGeneration(HMERPreTrainedModel, GenerationMixin):
             )
 
         features, feature_mask = self.encode(pixel_values, pixel_mask)
-        static = self.decoder.prepare(features, feature_mask)
         batch = features.shape[0]
         starts = torch.full((batch,), self.config.decoder_start_token_id, device=features.device)
         settings = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens}
+        decoding = contextlib.nullcontext()
+        if features.device.type == "cpu" and torch.is_autocast_enabled("cpu") and batch * num_beams <= 2:
+            # a step over one or two rows costs per-op overhead, not arithmetic; bf16 casts only add to it
+            decoding = torch.autocast("cpu", enabled=False)
+            features = features.float()
 
-        if bidirectional:
-            result = self._bidirectional_beam_search(static, num_beams, num_return_sequences, length_penalty, settings)
-        elif num_beams == 1:
-            result = self._greedy_search(static, starts, output_attentions, **settings)
-            result["scores"] = result["token_scores"].sum(1) / result["lengths"].clamp(min=1) ** length_penalty
-        else:
-            result = self._beam_search(static, starts, num_beams, output_attentions, **settings)
-            result = self._select(result, batch, num_beams, num_return_sequences, length_penalty)
+        with decoding:
+            static = self.decoder.prepare(features, feature_mask)
+            if bidirectional:
+                result = self._bidirectional_beam_search(
+                    static, num_beams, num_return_sequences, length_penalty, settings
+                )
+            elif num_beams == 1:
+                result = self._greedy_search(static, starts, output_attentions, **settings)
+                result["scores"] = result["token_scores"].sum(1) / result["lengths"].clamp(min=1) ** length_penalty
+            else:
+                result = self._beam_search(static, starts, num_beams, output_attentions, **settings)
+                result = self._select(result, batch, num_beams, num_return_sequences, length_penalty)
 
         lengths = result["lengths"]
         longest = max(int(lengths.max()), 1)

@@ -342,8 +342,10 @@ def test_channels_last_and_bfloat16_autocast():
         torch.testing.assert_close(model(pixels, mask, labels=LABELS[:2]).logits, reference, atol=1e-4, rtol=1e-4)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(pixels, mask, labels=LABELS[:2]).logits
-            ids = model.generate(pixels, mask, num_beams=2, max_new_tokens=5)
+            ids = model.generate(pixels, mask, num_beams=2, max_new_tokens=5)  # bf16 decoding
+            one = model.generate(pixels[:1], max_new_tokens=5, return_dict_in_generate=True)  # fp32 steps
     assert torch.isfinite(logits).all() and ids.shape[0] == 2
+    assert one.sequences.shape[0] == 1 and torch.isfinite(one.sequences_scores).all()
 
 
 def test_bad_inputs_give_clear_errors():
