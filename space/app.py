@@ -523,7 +523,8 @@ def build_demo(model_path: str | os.PathLike | None = None, *, recognizer: Recog
         demo.load(None, None, None, js=SELECT_BRUSH_JS)
         sketch.clear(None, None, None, js=SELECT_BRUSH_JS, queue=False, api_visibility="private")
 
-    demo.queue(default_concurrency_limit=int(os.environ.get("HMER_CONCURRENCY", "1")), max_size=64)
+    # Requests wait in the queue (at most 64); HMER_CONCURRENCY of them are recognized at a time.
+    demo.queue(default_concurrency_limit=int(os.environ.get("HMER_CONCURRENCY", "2")), max_size=64)
     demo.recognizer = recognizer
     return demo
 
@@ -536,6 +537,9 @@ def launch_kwargs() -> dict:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+    # One torch thread per recognition: decoding is a chain of small steps that gain little from
+    # intra-op threads and lose a lot when cores are shared; HMER_CONCURRENCY requests use the cores.
+    torch.set_num_threads(int(os.environ.get("HMER_THREADS", "1")))
     try:
         demo = build_demo()
     except ModelNotFoundError as error:

@@ -12,7 +12,7 @@ Without a trained model (no --model, no checkpoints/), a model with the default 
 (densenet-b encoder, GRU decoder) and random weights is used; since random weights stop at random
 lengths, its output length is fixed with --tokens (a trained model decides it alone).
 
-    python space/bench_latency.py --threads 2 --requests 40 --num_beams 1 5
+    python space/bench_latency.py --requests 40 --num_beams 1 5 [--threads 2]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder or Hub id (default: HMER_MODEL, checkpoints/, "
                         "else random weights)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (the cores a Space CPU has)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (app.py's default: 1)")
     parser.add_argument("--requests", type=int, default=40, help="timed requests per setting")
     parser.add_argument("--num_beams", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--endpoints", nargs="+", default=["api", "ui"], choices=["api", "ui"])
