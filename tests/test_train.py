@@ -305,3 +305,35 @@ def test_saved_model_loads_and_the_evaluation_cli_scores_it(two_process_run, tin
     assert 0 <= figures["exprate"] <= figures["le1"] <= figures["le2"] <= figures["le3"] <= 1
     rows = (tmp_path / "test_2014.predictions.tsv").read_text().splitlines()
     assert rows[0] == "name\treference\tprediction\tdistance" and len(rows) == 1 + figures["n_scored"]
+
+
+def test_push_folder_to_hub_then_from_pretrained(tiny_model_dir, tmp_path):
+    """--push_to_hub uploads the model folder; the pushed model loads by its repo id (local Hub server)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hub_server import HubServer
+
+    code = (
+        "import sys; from train.train import push_folder_to_hub; "
+        "print(push_folder_to_hub(sys.argv[1], 'tester/hmer-push', 'test push'));"
+        "from modeling_hmer import HMERForConditionalGeneration, HMERProcessor;"
+        "m = HMERForConditionalGeneration.from_pretrained('tester/hmer-push');"
+        "p = HMERProcessor.from_pretrained('tester/hmer-push'); print('loaded', m.config.hidden_size)"
+    )
+    with HubServer() as hub:
+        env = _env()
+        env.update({"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test_token", "HF_HUB_OFFLINE": "0",
+                    "HF_HOME": str(tmp_path / "hf_home")})
+        result = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], cwd=REPO_ROOT, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        files = hub.repos["tester/hmer-push"].files
+    assert {"config.json", "model.safetensors", "processor_config.json", "vocab.json"} <= set(files)
+    assert "loaded 32" in result.stdout
+
+
+def test_reproduce_command_drops_time_budget_and_resume_flags():
+    from train.train import reproduce_command
+
+    argv = ["--config", "c.yaml", "--max_minutes", "60", "--resume", "--state_dir=/s", "--learning_rate", "1e-3"]
+    assert reproduce_command(argv, 1) == "accelerate launch train/train.py --config c.yaml --learning_rate 1e-3"
+    assert reproduce_command(["--config", "c.yaml"], 2).startswith("accelerate launch --multi_gpu --num_processes 2 ")

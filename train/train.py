@@ -345,6 +345,13 @@ def save_training_state(accelerator: Accelerator, state_dir: Path, progress: Tra
     return final
 
 
+def is_better(record: dict, best: dict, min_improvement: float) -> bool:
+    """Held-out ExpRate higher by more than min_improvement; on a tie (min_improvement 0), lower SER."""
+    if record["exprate"] > best["exprate"] + min_improvement:
+        return True
+    return min_improvement == 0 and record["exprate"] == best["exprate"] and record["ser"] < best["ser"]
+
+
 def sync_buffers(accelerator: Accelerator, model) -> None:
     """Copies process 0's buffers (batch-norm statistics) to every process.
 
@@ -447,6 +454,8 @@ def write_model_card(path: Path, config: dict, progress: TrainingProgress, hardw
         f"| {100 * e['le3']:.2f} | {100 * e['ser']:.2f} | {e['minutes']:.0f} |"
         for e in progress.evals
     )
+    origin = (f"Fine-tuned from `{config['init_from']}`" if config.get("init_from")
+              else "Trained from scratch")
     model_desc = ", ".join(f"{k}={v}" for k, v in sorted(config["model"].items())) or "HMERConfig defaults"
     command = progress.commands[0] if progress.commands else ""
     card = f"""---
@@ -464,7 +473,7 @@ metrics:
 # HMER model `{config['run_name']}`
 
 Handwritten mathematical expression recognition: an image of a handwritten expression in, LaTeX
-tokens out. Trained from scratch on the CROHME 2014/2016 training set with this project's
+tokens out. {origin} on the CROHME 2014/2016 training set with this project's
 `train/train.py`.
 
 - Model: {model_desc}; {n_parameters / 1e6:.2f}M parameters.
@@ -474,7 +483,7 @@ tokens out. Trained from scratch on the CROHME 2014/2016 training set with this 
   used for any choice.
 - Best held-out ExpRate (greedy): **{100 * best.get('exprate', 0):.2f}%** at epoch {best.get('epoch', '-')}
   (step {best.get('step', '-')}).
-- Trained for {progress.epoch} full epochs, {progress.global_step} optimizer steps,
+- Trained for {progress.epoch} full epoch(s), {progress.global_step} optimizer steps,
   {progress.train_seconds / 3600:.2f} hours on {hardware}.
 - Optimizer {config['optimizer']}, learning rate {config['learning_rate']}, schedule {config['lr_scheduler']}
   (warmup {config['warmup_steps']} steps), mixed precision {config['mixed_precision']}, pixel budget
@@ -503,11 +512,44 @@ written, and long or multi-line expressions are read less reliably than short on
     path.write_text(card)
 
 
+def reproduce_command(argv: list[str], num_processes: int) -> str:
+    """The command line of a run without its time budget and resume flags.
+
+    A resumed run continues exactly where it stopped, so a run done in several time-limited
+    segments equals one uninterrupted run of this command (with as many processes).
+    """
+    kept, skip_next = [], False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ("--resume", "--max_minutes", "--max_steps", "--state_dir", "--push_to_hub"):
+            skip_next = "=" not in arg and name != "--resume"
+            continue
+        kept.append(arg)
+    launch = "accelerate launch" + (f" --multi_gpu --num_processes {num_processes}" if num_processes > 1 else "")
+    return f"{launch} train/train.py {shlex.join(kept)}"
+
+
+def push_folder_to_hub(folder: Path, repo_id: str, message: str) -> str:
+    """Uploads a saved model folder (weights, config, processor, card, curves) to a Hub model repo."""
+    from huggingface_hub import HfApi
+
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"no saved model in {folder} to push")
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message)
+    return f"{api.endpoint}/{repo_id}"
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> None:
     args, config = parse_args(argv)
+    config["init_from"] = args.init_from
     state_dir = Path(config["state_dir"])
     try:
         import tensorboard  # noqa: F401
@@ -587,7 +629,7 @@ def main(argv=None) -> None:
             )
         else:
             accelerator.print(f"--resume: no saved state in {state_dir}, starting from scratch")
-    progress.commands.append("accelerate launch train/train.py " + shlex.join(sys.argv[1:] if argv is None else argv))
+    progress.commands.append(reproduce_command(sys.argv[1:] if argv is None else argv, accelerator.num_processes))
 
     n_parameters = sum(p.numel() for p in model.parameters())
     hardware = hardware_description(accelerator)
@@ -616,7 +658,7 @@ def main(argv=None) -> None:
         record = heldout_evaluation(epoch_value)
         if float(epoch_value).is_integer():  # a partial epoch (--max_minutes) says nothing about a plateau
             schedule.epoch_end(record["exprate"])
-        if not progress.best or record["exprate"] > progress.best_exprate + config["min_improvement"]:
+        if not progress.best or is_better(record, progress.best, config["min_improvement"]):
             progress.best_exprate = record["exprate"]
             progress.best = record
             save_model(args.output_dir)
@@ -651,6 +693,7 @@ def main(argv=None) -> None:
     last_save = time.time()
     stop = False
     running_loss, running_batches = torch.zeros((), device=accelerator.device), 0
+    running_images, log_start = 0, time.time()
     while progress.epoch < config["num_epochs"] and not stop:
         epoch = progress.epoch
         sampler.set_epoch(epoch)
@@ -658,6 +701,7 @@ def main(argv=None) -> None:
         skip = progress.batches_in_epoch
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         model.train()
+        log_start = time.time()
         bar = tqdm(total=len(train_loader), initial=skip, desc=f"epoch {epoch}",
                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
         for batch in loader:
@@ -674,6 +718,7 @@ def main(argv=None) -> None:
             progress.batches_in_epoch += 1
             running_loss += loss.detach().float()
             running_batches += 1
+            running_images += batch["labels"].shape[0]
             bar.update(1)
             if not accelerator.sync_gradients:
                 continue
@@ -683,13 +728,15 @@ def main(argv=None) -> None:
             if progress.global_step % config["logging_steps"] == 0:
                 mean_loss = accelerator.reduce(running_loss / running_batches, reduction="mean").item()
                 lr = schedule.get_last_lr()[0]
+                images_per_s = running_images * accelerator.num_processes / (time.time() - log_start)
                 running_loss.zero_()
-                running_batches = 0
+                running_batches, running_images, log_start = 0, 0, time.time()
                 progress.history["step"].append(progress.global_step)
                 progress.history["loss"].append(mean_loss)
                 progress.history["lr"].append(lr)
-                accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/epoch": epoch}, step=progress.global_step)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}")
+                accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/epoch": epoch,
+                                 "train/images_per_s": images_per_s}, step=progress.global_step)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
 
             # Decisions on time are the main process's, broadcast so every process agrees.
             now = time.time()
@@ -745,13 +792,9 @@ def main(argv=None) -> None:
         (state_dir / "last_run.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary))
         if args.push_to_hub:
-            from huggingface_hub import HfApi
-
-            api = HfApi()
-            api.create_repo(args.push_to_hub, exist_ok=True)
-            api.upload_folder(folder_path=str(args.output_dir), repo_id=args.push_to_hub,
-                              commit_message=f"{config['run_name']}: held-out ExpRate {100 * progress.best_exprate:.2f}%")
-            print(f"pushed {args.output_dir} to {args.push_to_hub}")
+            message = f"{config['run_name']}: held-out ExpRate {100 * progress.best_exprate:.2f}%"
+            url = push_folder_to_hub(args.output_dir, args.push_to_hub, message)
+            print(f"pushed {args.output_dir} to {url}")
 
 
 if __name__ == "__main__":
