@@ -248,7 +248,8 @@ def test_two_processes_train_together_and_end_with_identical_weights(two_process
                  "processor_config.json", "README.md", "training_curves.png"):
         assert (model_dir / name).is_file(), name
     card = (model_dir / "README.md").read_text()
-    assert "| epoch | step | ExpRate |" in card and "accelerate launch train/train.py" in card
+    assert "| epoch | step | ExpRate |" in card
+    assert "accelerate launch --multi_gpu --num_processes 2 train/train.py --config" in card
     assert list((two_process_run / "state" / "logs").rglob("events.out.tfevents*")), "no TensorBoard log"
 
 

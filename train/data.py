@@ -18,7 +18,6 @@ and augmentations that an uninterrupted run would have seen:
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -235,10 +234,6 @@ class HMERCollator:
         return {key: encoded[key] for key in ("pixel_values", "pixel_mask", "labels")}
 
 
-def seeded_worker_init(worker_id: int) -> None:
-    """Keeps each data-loader worker single-threaded: the training process uses the cores."""
+def single_thread_worker_init(worker_id: int) -> None:
+    """Keeps each data-loader worker single-threaded: the training processes use the cores."""
     torch.set_num_threads(1)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))

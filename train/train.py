@@ -3,6 +3,10 @@
     accelerate launch train/train.py --config train/configs/gru.yaml \
         --data_dir ../shared/crohme --output_dir checkpoints [--max_minutes 120] [--resume]
 
+On a CPU-only machine, `accelerate launch --multi_gpu --num_processes 2 train/train.py ...` trains
+with two processes (one torch thread each, gloo); `accelerate launch --cpu --num_processes 2` only
+ever starts one process. A resumed run must use as many processes as the run it continues.
+
 Any key of the YAML config can be overridden on the command line (`--learning_rate 1e-3`,
 `--model.decoder_type transformer`). What it does, in order:
 
@@ -39,7 +43,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import yaml
 
@@ -61,7 +64,7 @@ from train.data import (  # noqa: E402
     as_uint8_image,
     heldout_split,
     image_sizes,
-    seeded_worker_init,
+    single_thread_worker_init,
 )
 from train.evaluate_model import load_metric, predict_images  # noqa: E402
 
@@ -437,7 +440,7 @@ def plot_curves(progress: TrainingProgress, path: Path) -> None:
     evals = progress.evals
     axes[2].plot([e["epoch"] for e in evals], [100 * e["exprate"] for e in evals], "o-", label="ExpRate")
     axes[2].plot([e["epoch"] for e in evals], [100 * e["le1"] for e in evals], "s--", label="<= 1 error")
-    axes[2].set(title="held-out slice (greedy)", xlabel="epoch", ylabel="%")
+    axes[2].set(title="held-out slice (greedy)", xlabel="epoch", ylabel="%", ylim=(0, None))
     axes[2].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -599,7 +602,7 @@ def main(argv=None) -> None:
         batch_sampler=sampler,
         collate_fn=HMERCollator(processor),
         num_workers=config["num_workers"],
-        worker_init_fn=seeded_worker_init,
+        worker_init_fn=single_thread_worker_init,
         persistent_workers=False,
         # Its own generator: starting an epoch's iterator draws a seed from it, not from the global
         # torch RNG, so a resumed run's dropout draws stay those of an uninterrupted run.
