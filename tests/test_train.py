@@ -25,10 +25,12 @@ import pytest
 import torch
 
 from train.data import (
+    HMERCollator,
     SizeGroupedBatchSampler,
     heldout_split,
     padding_efficiency,
     size_grouped_batches,
+    split_by_size,
 )
 
 
@@ -94,6 +96,61 @@ def test_batch_sampler_is_deterministic_per_epoch_and_shuffled_across_epochs():
     epoch4 = list(a)
     assert [[p for _, p in batch] for batch in epoch4] != [[p for _, p in batch] for batch in epoch3]
     assert sorted(p for batch in epoch4 for _, p in batch) == list(range(len(sizes)))
+
+
+def test_chunks_hold_size_adjacent_batches_and_cover_the_epoch():
+    sizes = _random_sizes(301)
+    sampler = SizeGroupedBatchSampler(sizes, 200_000, 12, batches_per_chunk=4, seed=5)
+    batches = size_grouped_batches(sizes, 200_000, 12, np.random.default_rng((5, 0)), 0.05)
+    chunks = sampler.chunks(0)
+    assert len(chunks) == len(batches) // 4  # the leftover batches joined the last chunk
+    assert sorted(p for chunk in chunks for p in chunk) == list(range(len(sizes)))
+    assert all(len(chunk) >= 4 for chunk in chunks)
+    # Size-adjacent batches: a chunk spans a narrow band of heights compared with the data set.
+    spans = [np.ptp([sizes[p][0] for p in chunk]) for chunk in chunks]
+    assert np.median(spans) < 0.5 * np.ptp([h for h, _ in sizes])
+
+
+def test_split_by_size_is_optimal_for_contiguous_cuts():
+    import itertools
+
+    rng = np.random.default_rng(3)
+    sizes = [(int(h), int(w)) for h, w in zip(rng.integers(40, 120, 9), rng.integers(60, 500, 9))]
+    batches = split_by_size(sizes, 3)
+    assert len(batches) == 3 and all(batches) and sorted(sum(batches, [])) == list(range(9))
+
+    def cost(groups):
+        return sum(len(g) * max(sizes[i][0] for i in g) * max(sizes[i][1] for i in g) for g in groups)
+
+    order = sorted(range(9), key=lambda i: (sizes[i][0] // 16, sizes[i][1], i))
+    brute = min(cost([order[:a], order[a:b], order[b:]]) for a, b in itertools.combinations(range(1, 9), 2))
+    assert cost(batches) == brute
+    assert split_by_size(sizes, 1) == [order]
+    with pytest.raises(ValueError, match="non-empty"):
+        split_by_size(sizes[:2], 3)
+
+
+def test_collator_splits_a_chunk_into_padded_batches_by_processed_size(tiny_model_dir):
+    from modeling_hmer import HMERProcessor
+
+    processor = HMERProcessor.from_pretrained(tiny_model_dir)
+    items = []
+    for i, width in enumerate((120, 130, 400, 420, 125, 410)):
+        image = np.zeros((80, width), np.uint8)
+        image[30:50, 10 : width - 10] = 255  # a bar as wide as the image
+        image[20:60, 40:46] = 255
+        items.append({"image": image, "text": "x + 1" if i % 2 else "\\frac { a } { b }", "name": str(i)})
+    batches = HMERCollator(processor, num_batches=2)(items)
+    assert len(batches) == 2
+    # The three narrow images went together, the three wide ones too.
+    assert [b["pixel_values"].shape[0] for b in batches] == [3, 3]
+    widths = sorted(b["pixel_values"].shape[-1] for b in batches)
+    assert widths[0] < 0.7 * widths[1]
+    for batch in batches:
+        n, _, h, w = batch["pixel_values"].shape
+        assert batch["pixel_values"].shape[1] == 1 and batch["pixel_mask"].shape == (n, h, w)
+        assert batch["labels"].shape[0] == n and (batch["labels"] == 2).sum() == n  # one eos per target
+    assert sum(b["labels"].shape[0] for b in batches) == len(items)
 
 
 def test_accelerate_shards_the_batch_sampler_between_processes():
@@ -338,3 +395,14 @@ def test_reproduce_command_drops_time_budget_and_resume_flags():
     argv = ["--config", "c.yaml", "--max_minutes", "60", "--resume", "--state_dir=/s", "--learning_rate", "1e-3"]
     assert reproduce_command(argv, 1) == "accelerate launch train/train.py --config c.yaml --learning_rate 1e-3"
     assert reproduce_command(["--config", "c.yaml"], 2).startswith("accelerate launch --multi_gpu --num_processes 2 ")
+
+
+def test_progress_state_from_before_chunks_is_converted():
+    from train.train import TrainingProgress
+
+    progress = TrainingProgress()
+    old = {k: v for k, v in TrainingProgress().state_dict().items() if k != "chunks_in_epoch"}
+    old.update(batches_in_epoch=17, global_step=17)
+    progress.load_state_dict(old)
+    assert progress.global_step == 17 and progress.legacy_batches_in_epoch == 17
+    assert not hasattr(progress, "batches_in_epoch")

@@ -9,10 +9,13 @@ and augmentations that an uninterrupted run would have seen:
   augmentation drawn from `np.random.default_rng((seed, epoch, index))`, or returns the
   standard render when augmentation is off;
 - `SizeGroupedBatchSampler` groups expressions of similar image size into batches under a pixel
-  budget (padding a batch to its largest image wastes up to 40% of the work otherwise) and
-  shuffles the batches every epoch with a generator seeded by (seed, epoch);
-- `HMERCollator` turns a list of items into model inputs with the same `HMERProcessor` that
-  inference uses.
+  budget (padding a batch to its largest image wastes up to 40% of the work otherwise), puts
+  `batches_per_chunk` size-adjacent batches into one chunk and shuffles the chunks every epoch
+  with a generator seeded by (seed, epoch);
+- `HMERCollator` turns a chunk into model inputs with the same `HMERProcessor` that inference
+  uses, and only then, knowing the real size of every processed image, splits the chunk into its
+  batches (`split_by_size`): the processor's size normalization moves image sizes by about 14%
+  from the stored renders', which alone would leave a quarter of every batch as padding.
 """
 
 from __future__ import annotations
@@ -152,12 +155,15 @@ def size_grouped_batches(
 
 
 class SizeGroupedBatchSampler(Sampler):
-    """Batch sampler over dataset positions: size-grouped batches, shuffled, deterministic per epoch.
+    """Sampler of chunks of dataset positions: size-grouped, shuffled, deterministic per epoch.
 
-    Yields lists of `(epoch, position)` keys (see `HMERTrainDataset`). Call `set_epoch` before
-    each epoch; `len()` is the number of batches of the current epoch. Under `accelerate`,
-    `prepare` wraps it in a `BatchSamplerShard` that hands batch i to process i % num_processes
-    (and repeats the first batches so every process gets as many).
+    Each item it yields is one chunk: `batches_per_chunk` size-adjacent batches of
+    `size_grouped_batches` (the leftover batches at the end join the last chunk), as a list of
+    `(epoch, position)` keys (see `HMERTrainDataset`); `HMERCollator` splits it into exactly
+    `batches_per_chunk` batches. Call `set_epoch` before each epoch; `len()` is the number of
+    chunks of the current epoch. Under `accelerate`, `prepare` wraps it in a `BatchSamplerShard`
+    that hands chunk i to process i % num_processes (and repeats the first chunks so that every
+    process gets as many): every process then runs the same number of optimizer steps.
     """
 
     def __init__(
@@ -165,13 +171,17 @@ class SizeGroupedBatchSampler(Sampler):
         sizes: Sequence[tuple[int, int]],
         pixel_budget: int,
         max_batch_size: int,
+        batches_per_chunk: int = 1,
         shuffle: bool = True,
         seed: int = 0,
         jitter: float = 0.05,
     ):
+        if batches_per_chunk < 1:
+            raise ValueError(f"batches_per_chunk must be at least 1, got {batches_per_chunk}")
         self.sizes = list(sizes)
         self.pixel_budget = pixel_budget
         self.max_batch_size = max_batch_size
+        self.batches_per_chunk = batches_per_chunk
         self.shuffle = shuffle
         self.seed = seed
         self.jitter = jitter
@@ -184,26 +194,73 @@ class SizeGroupedBatchSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def batches(self, epoch: Optional[int] = None) -> list[list[int]]:
+    def chunks(self, epoch: Optional[int] = None) -> list[list[int]]:
+        """The epoch's chunks, in the order they are served, as lists of positions."""
         epoch = self.epoch if epoch is None else epoch
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
-        if self.shuffle:
-            rng = np.random.default_rng((self.seed, epoch))
-            batches = size_grouped_batches(self.sizes, self.pixel_budget, self.max_batch_size, rng, self.jitter)
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        else:
-            batches = size_grouped_batches(self.sizes, self.pixel_budget, self.max_batch_size)
-        self._cache = (epoch, batches)
-        return batches
+        rng = np.random.default_rng((self.seed, epoch)) if self.shuffle else None
+        batches = size_grouped_batches(self.sizes, self.pixel_budget, self.max_batch_size, rng, self.jitter)
+        k = self.batches_per_chunk
+        chunks = [sum(batches[i : i + k], []) for i in range(0, len(batches) - len(batches) % k, k)]
+        leftover = sum(batches[len(batches) - len(batches) % k :], [])
+        if leftover:
+            if chunks:
+                chunks[-1] += leftover
+            else:  # fewer batches than one chunk: still `k` batches, if there are k images
+                if len(leftover) < k:
+                    raise ValueError(f"{len(leftover)} expressions cannot fill {k} batches per chunk")
+                chunks = [leftover]
+        if rng is not None:
+            chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        self._cache = (epoch, chunks)
+        return chunks
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch = self.epoch
-        for batch in self.batches(epoch):
-            yield [(epoch, position) for position in batch]
+        for chunk in self.chunks(epoch):
+            yield [(epoch, position) for position in chunk]
 
     def __len__(self) -> int:
-        return len(self.batches())
+        return len(self.chunks())
+
+
+def split_by_size(sizes: Sequence[tuple[int, int]], num_batches: int) -> list[list[int]]:
+    """Splits items of the given (height, width) into exactly `num_batches` batches, least padding first.
+
+    Items are ordered by height band (16 px) then width, and cut into contiguous runs that
+    minimize the total padded pixels, sum over batches of len(batch) * max height * max width
+    (dynamic programming, O(num_batches * n^2)). Returns lists of indices into `sizes`.
+    """
+    n = len(sizes)
+    if not 1 <= num_batches <= n:
+        raise ValueError(f"cannot split {n} items into {num_batches} non-empty batches")
+    order = sorted(range(n), key=lambda i: (sizes[i][0] // 16, sizes[i][1], i))
+    heights = [sizes[i][0] for i in order]
+    widths = [sizes[i][1] for i in order]
+    # cost[s][e]: padded pixels of the batch order[s:e]
+    cost = [[0] * (n + 1) for _ in range(n + 1)]
+    for start in range(n):
+        max_h = max_w = 0
+        for end in range(start + 1, n + 1):
+            max_h, max_w = max(max_h, heights[end - 1]), max(max_w, widths[end - 1])
+            cost[start][end] = (end - start) * max_h * max_w
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(num_batches + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_batches + 1)]
+    best[0][0] = 0
+    for j in range(1, num_batches + 1):
+        for end in range(j, n - (num_batches - j) + 1):
+            for start in range(j - 1, end):
+                total = best[j - 1][start] + cost[start][end]
+                if total < best[j][end]:
+                    best[j][end], cut[j][end] = total, start
+    batches, end = [], n
+    for j in range(num_batches, 0, -1):
+        start = cut[j][end]
+        batches.append([order[i] for i in range(start, end)])
+        end = start
+    return batches[::-1]
 
 
 def padding_efficiency(sizes: Sequence[tuple[int, int]], batches: Sequence[Sequence[int]]) -> float:
@@ -218,20 +275,27 @@ def padding_efficiency(sizes: Sequence[tuple[int, int]], batches: Sequence[Seque
 
 
 class HMERCollator:
-    """Items of `HMERTrainDataset` -> {"pixel_values", "pixel_mask", "labels"} through the processor.
+    """A chunk of `HMERTrainDataset` items -> a list of `num_batches` model-input batches.
 
-    pixel_values: (B, 1, H, W) float, ink 1.0 on 0.0; pixel_mask: (B, H, W) 1 = image;
-    labels: (B, T) long ending in eos, padded with -100.
+    Every image goes through the processor's image processor on its own (the same steps as
+    inference), the processed images are split by their real sizes (`split_by_size`), and each
+    batch is padded and labelled by the processor: {"pixel_values" (B, 1, H, W) float, ink 1.0
+    on 0.0; "pixel_mask" (B, H, W), 1 = image; "labels" (B, T) long ending in eos, -100 padding}.
     """
 
-    def __init__(self, processor):
+    def __init__(self, processor, num_batches: int = 1):
         self.processor = processor
+        self.num_batches = num_batches
 
-    def __call__(self, items: list[dict]) -> dict:
-        encoded = self.processor(
-            images=[item["image"] for item in items], text=[item["text"] for item in items], return_tensors="pt"
-        )
-        return {key: encoded[key] for key in ("pixel_values", "pixel_mask", "labels")}
+    def __call__(self, items: list[dict]) -> list[dict]:
+        image_processor = self.processor.image_processor
+        images = [image_processor.to_model_image(item["image"]) for item in items]
+        batches = []
+        for batch in split_by_size([image.shape[:2] for image in images], self.num_batches):
+            features = image_processor.pad_batch([images[i] for i in batch], return_tensors="pt")
+            labels = self.processor.make_labels([items[i]["text"] for i in batch])
+            batches.append({**features, "labels": torch.from_numpy(labels)})
+        return batches
 
 
 def single_thread_worker_init(worker_id: int) -> None:

@@ -38,21 +38,6 @@ def load_metric():
     return evaluate.load(exprate.__file__)
 
 
-def _preprocess(processor, images: list[np.ndarray]):
-    """Runs the image processor on a batch; returns (features, positions kept), skipping rejected images."""
-    image_processor = processor.image_processor
-    kept, processed = [], []
-    for position, image in enumerate(images):
-        try:
-            processed.append(image_processor.to_model_image(image))
-        except ValueError:  # blank or unreadable: counted as skipped
-            continue
-        kept.append(position)
-    if not kept:
-        return None, []
-    return image_processor.pad_batch(processed, return_tensors="pt"), kept
-
-
 @torch.no_grad()
 def predict_images(
     model,
@@ -69,38 +54,46 @@ def predict_images(
 ) -> list[Optional[str]]:
     """Decodes every image; returns one space-separated token string per image (None = rejected).
 
-    Images are batched by similar size (at most `batch_size` images and `pixel_budget` padded
-    pixels per batch) to waste little work on padding.
+    Every image goes through the processor's image processor first (a blank one is rejected and
+    gets None); the processed images are then batched by similar size (at most `batch_size`
+    images and `pixel_budget` padded pixels per batch) to waste little work on padding.
     """
     from tqdm.auto import tqdm
 
     model.eval()
     device = next(model.parameters()).device
-    sizes = [image.shape[:2] for image in images]
-    batches = size_grouped_batches(sizes, pixel_budget, batch_size) if images else []
+    image_processor = processor.image_processor
+    processed: dict[int, np.ndarray] = {}
+    for index, image in enumerate(images):
+        try:
+            processed[index] = image_processor.to_model_image(image)
+        except ValueError:  # blank or unreadable: counted as skipped
+            pass
+    kept = list(processed)
+    sizes = [processed[i].shape[:2] for i in kept]
+    batches = size_grouped_batches(sizes, pixel_budget, batch_size) if kept else []
     predictions: list[Optional[str]] = [None] * len(images)
     autocast = (
         torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     )
-    bar = tqdm(total=len(images), desc="decoding", disable=not progress, leave=False)
+    bar = tqdm(total=len(kept), desc="decoding", disable=not progress, leave=False)
     for batch in batches:
-        features, kept = _preprocess(processor, [images[i] for i in batch])
-        if kept:
-            pixel_values = features["pixel_values"].to(device)
-            if channels_last:
-                pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                sequences = model.generate(
-                    pixel_values=pixel_values,
-                    pixel_mask=features["pixel_mask"].to(device),
-                    num_beams=num_beams,
-                    max_new_tokens=max_new_tokens,
-                )
-            if not torch.is_tensor(sequences):
-                sequences = sequences.sequences
-            texts = processor.tokenizer.batch_decode(sequences.cpu(), skip_special_tokens=True)
-            for position, text in zip(kept, texts):
-                predictions[batch[position]] = " ".join(text.split())
+        indices = [kept[i] for i in batch]
+        features = image_processor.pad_batch([processed[i] for i in indices], return_tensors="pt")
+        pixel_values = features["pixel_values"].to(device)
+        if channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            sequences = model.generate(
+                pixel_values=pixel_values,
+                pixel_mask=features["pixel_mask"].to(device),
+                num_beams=num_beams,
+                max_new_tokens=max_new_tokens,
+            )
+        if not torch.is_tensor(sequences):
+            sequences = sequences.sequences
+        for index, text in zip(indices, processor.tokenizer.batch_decode(sequences.cpu(), skip_special_tokens=True)):
+            predictions[index] = " ".join(text.split())
         bar.update(len(batch))
     bar.close()
     return predictions

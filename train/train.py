@@ -81,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "augment": True,
     "pixel_budget": 400_000,  # padded pixels per batch (batch size x max height x max width)
     "max_batch_size": 16,
+    "batches_per_chunk": 4,  # batches re-split by their processed image sizes (see train/data.py)
     "num_workers": 1,
     # optimization
     "num_epochs": 20,
@@ -268,7 +269,7 @@ class TrainingProgress:
 
     def __init__(self):
         self.epoch = 0
-        self.batches_in_epoch = 0
+        self.chunks_in_epoch = 0
         self.global_step = 0
         self.train_seconds = 0.0
         self.best_exprate = -1.0
@@ -281,6 +282,9 @@ class TrainingProgress:
         return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        if "batches_in_epoch" in state:  # saved by train.py before chunks (25 Nov 2026): batches, not chunks
+            self.legacy_batches_in_epoch = state.pop("batches_in_epoch")
         vars(self).update(state)
 
 
@@ -586,7 +590,11 @@ def main(argv=None) -> None:
     sizes = image_sizes(dataset)
     train_set = HMERTrainDataset(dataset, train_idx, augment=config["augment"], seed=config["seed"])
     sampler = SizeGroupedBatchSampler(
-        [sizes[i] for i in train_idx], config["pixel_budget"], config["max_batch_size"], seed=config["seed"]
+        [sizes[i] for i in train_idx],
+        config["pixel_budget"],
+        config["max_batch_size"],
+        batches_per_chunk=config["batches_per_chunk"],
+        seed=config["seed"],
     )
     heldout = dataset.select(heldout_idx)
     heldout_references = [" ".join(tokens) for tokens in heldout["tokens"]]
@@ -600,7 +608,7 @@ def main(argv=None) -> None:
     train_loader = DataLoader(
         train_set,
         batch_sampler=sampler,
-        collate_fn=HMERCollator(processor),
+        collate_fn=HMERCollator(processor, config["batches_per_chunk"]),
         num_workers=config["num_workers"],
         worker_init_fn=single_thread_worker_init,
         persistent_workers=False,
@@ -609,7 +617,7 @@ def main(argv=None) -> None:
         generator=torch.Generator().manual_seed(config["seed"]),
     )
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / config["gradient_accumulation_steps"])
+    steps_per_epoch = math.ceil(len(train_loader) * config["batches_per_chunk"] / config["gradient_accumulation_steps"])
     schedule = LRSchedule(
         optimizer,
         config["lr_scheduler"],
@@ -626,9 +634,16 @@ def main(argv=None) -> None:
         states = state_folders(state_dir)
         if states:
             accelerator.load_state(str(states[-1]))
+            legacy = vars(progress).pop("legacy_batches_in_epoch", None)
+            if legacy is not None:
+                progress.chunks_in_epoch = math.ceil(legacy / config["batches_per_chunk"])
+                accelerator.print(
+                    f"state saved by an older train.py ({legacy} batches into epoch {progress.epoch}): the rest "
+                    f"of this epoch continues in the new chunk order, from chunk {progress.chunks_in_epoch}"
+                )
             accelerator.print(
                 f"resumed from {states[-1]}: epoch {progress.epoch}, step {progress.global_step}, "
-                f"batch {progress.batches_in_epoch} of the epoch, lr {schedule.get_last_lr()[0]:.3g}"
+                f"chunk {progress.chunks_in_epoch} of the epoch, lr {schedule.get_last_lr()[0]:.3g}"
             )
         else:
             accelerator.print(f"--resume: no saved state in {state_dir}, starting from scratch")
@@ -640,8 +655,8 @@ def main(argv=None) -> None:
     flat_config.update({f"model.{k}": str(v) for k, v in config["model"].items()})
     accelerator.init_trackers(config["run_name"], config=flat_config)
     accelerator.print(
-        f"{len(train_idx)} training / {len(heldout_idx)} held-out expressions, {len(sampler)} batches per epoch "
-        f"({len(train_loader)} per process), {n_parameters / 1e6:.2f}M parameters, {hardware}"
+        f"{len(train_idx)} training / {len(heldout_idx)} held-out expressions, {len(sampler)} chunks of "
+        f"{config['batches_per_chunk']} batches per epoch ({len(train_loader)} chunks per process), {n_parameters / 1e6:.2f}M parameters, {hardware}"
     )
 
     def heldout_evaluation(epoch_value: float) -> dict:
@@ -693,60 +708,66 @@ def main(argv=None) -> None:
         progress.best_exprate, progress.best = record["exprate"], record
         if not (args.output_dir / "config.json").exists():
             save_model(args.output_dir)
-    last_save = time.time()
+    last_save, last_save_step = time.time(), progress.global_step
     stop = False
     running_loss, running_batches = torch.zeros((), device=accelerator.device), 0
     running_images, log_start = 0, time.time()
+
+    def log_training(epoch: int) -> None:
+        nonlocal running_batches, running_images, log_start
+        mean_loss = accelerator.reduce(running_loss / running_batches, reduction="mean").item()
+        lr = schedule.get_last_lr()[0]
+        images_per_s = running_images * accelerator.num_processes / (time.time() - log_start)
+        running_loss.zero_()
+        running_batches, running_images, log_start = 0, 0, time.time()
+        progress.history["step"].append(progress.global_step)
+        progress.history["loss"].append(mean_loss)
+        progress.history["lr"].append(lr)
+        accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/epoch": epoch,
+                         "train/images_per_s": images_per_s}, step=progress.global_step)
+        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
     while progress.epoch < config["num_epochs"] and not stop:
         epoch = progress.epoch
         sampler.set_epoch(epoch)
         train_loader.set_epoch(epoch)
-        skip = progress.batches_in_epoch
+        skip = progress.chunks_in_epoch
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         model.train()
         log_start = time.time()
         bar = tqdm(total=len(train_loader), initial=skip, desc=f"epoch {epoch}",
                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                pixel_values = batch["pixel_values"]
-                if config["channels_last"]:
-                    pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-                loss = model(pixel_values=pixel_values, pixel_mask=batch["pixel_mask"], labels=batch["labels"]).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config["max_grad_norm"]:
-                    accelerator.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            progress.batches_in_epoch += 1
-            running_loss += loss.detach().float()
-            running_batches += 1
-            running_images += batch["labels"].shape[0]
+        for chunk in loader:
+            for batch in chunk:  # the collator's size-split batches of this chunk
+                with accelerator.accumulate(model):
+                    pixel_values = batch["pixel_values"]
+                    if config["channels_last"]:
+                        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+                    loss = model(pixel_values=pixel_values, pixel_mask=batch["pixel_mask"],
+                                 labels=batch["labels"]).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config["max_grad_norm"]:
+                        accelerator.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                running_loss += loss.detach().float()
+                running_batches += 1
+                running_images += batch["labels"].shape[0]
+                if accelerator.sync_gradients:
+                    progress.global_step += 1
+                    schedule.step()
+                    if progress.global_step % config["logging_steps"] == 0:
+                        log_training(epoch)
+            progress.chunks_in_epoch += 1
             bar.update(1)
             if not accelerator.sync_gradients:
-                continue
+                continue  # never save or stop in the middle of gradient accumulation
 
-            progress.global_step += 1
-            schedule.step()
-            if progress.global_step % config["logging_steps"] == 0:
-                mean_loss = accelerator.reduce(running_loss / running_batches, reduction="mean").item()
-                lr = schedule.get_last_lr()[0]
-                images_per_s = running_images * accelerator.num_processes / (time.time() - log_start)
-                running_loss.zero_()
-                running_batches, running_images, log_start = 0, 0, time.time()
-                progress.history["step"].append(progress.global_step)
-                progress.history["loss"].append(mean_loss)
-                progress.history["lr"].append(lr)
-                accelerator.log({"train/loss": mean_loss, "train/lr": lr, "train/epoch": epoch,
-                                 "train/images_per_s": images_per_s}, step=progress.global_step)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
-
-            # Decisions on time are the main process's, broadcast so every process agrees.
+            # Between chunks: decisions on time are the main process's, broadcast so all agree.
             now = time.time()
             flags = torch.tensor(
                 [
                     (now - last_save) / 60 >= config["save_every_minutes"]
-                    or (config["save_every_steps"] and progress.global_step % config["save_every_steps"] == 0),
+                    or (config["save_every_steps"] and progress.global_step - last_save_step >= config["save_every_steps"]),
                     (args.max_minutes is not None and (now - start_time) / 60 >= args.max_minutes)
                     or (args.max_steps is not None and progress.global_step >= args.max_steps),
                 ],
@@ -760,21 +781,21 @@ def main(argv=None) -> None:
                 progress.train_seconds += time.time() - segment_start
                 segment_start = time.time()
                 save_training_state(accelerator, state_dir, progress, config["keep_states"])
-                last_save = time.time()
+                last_save, last_save_step = time.time(), progress.global_step
         bar.close()
         if stop:
             break
         progress.epoch += 1
-        progress.batches_in_epoch = 0
+        progress.chunks_in_epoch = 0
         finish_epoch_evaluation(progress.epoch)
         progress.train_seconds += time.time() - segment_start
         segment_start = time.time()
         save_training_state(accelerator, state_dir, progress, config["keep_states"])
-        last_save = time.time()
+        last_save, last_save_step = time.time(), progress.global_step
 
     # ---- clean end: evaluate a partial epoch, save state, best and last model, reports
-    if stop and progress.batches_in_epoch:
-        finish_epoch_evaluation(progress.epoch + progress.batches_in_epoch / max(len(train_loader), 1))
+    if stop and progress.chunks_in_epoch:
+        finish_epoch_evaluation(progress.epoch + progress.chunks_in_epoch / max(len(train_loader), 1))
     progress.train_seconds += time.time() - segment_start
     segment_start = time.time()
     if stop:
@@ -788,7 +809,7 @@ def main(argv=None) -> None:
     if len(set(digests)) > 1:
         accelerator.print(f"WARNING: the processes ended with different weights: {digests}", file=sys.stderr)
     if accelerator.is_main_process:
-        summary = {"epochs": progress.epoch, "batches_in_epoch": progress.batches_in_epoch,
+        summary = {"epochs": progress.epoch, "chunks_in_epoch": progress.chunks_in_epoch,
                    "global_step": progress.global_step, "best": progress.best,
                    "minutes": progress.train_seconds / 60, "num_processes": accelerator.num_processes,
                    "weights_sha256_per_process": digests}
