@@ -1,0 +1,52 @@
+"""The shipped checkpoint in checkpoints/: complete, small, loadable, and used by default."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from modeling_hmer import HMERForConditionalGeneration, HMERProcessor, predict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT = REPO_ROOT / "checkpoints"
+EXAMPLES = sorted((REPO_ROOT / "space" / "examples").glob("*.png"))
+
+
+def test_folder_is_complete_and_small():
+    names = {p.name for p in CHECKPOINT.iterdir()}
+    for required in ("config.json", "model.safetensors", "generation_config.json", "README.md"):
+        assert required in names, f"checkpoints/ lacks {required}"
+    assert not any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names), "weights must be safetensors only"
+    assert (CHECKPOINT / "model.safetensors").stat().st_size <= 25 * 2**20
+    assert json.loads((CHECKPOINT / "config.json").read_text())["model_type"] == "hmer"
+    card = (CHECKPOINT / "README.md").read_text()
+    assert "ExpRate" in card and "Reproduce" in card
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    torch.manual_seed(0)
+    return HMERForConditionalGeneration.from_pretrained(CHECKPOINT).eval(), HMERProcessor.from_pretrained(CHECKPOINT)
+
+
+def test_recognizes_the_space_examples(shipped):
+    model, processor = shipped
+    assert EXAMPLES, "space/examples holds the project's drawings"
+    images = [Image.open(p) for p in EXAMPLES]
+    inputs = processor(images=images, return_tensors="pt")
+    with torch.inference_mode():
+        output = model.generate(**inputs, num_beams=3, max_new_tokens=60, return_dict_in_generate=True)
+    for sequence, latex in zip(output.sequences, processor.batch_decode(output.sequences)):
+        assert latex.strip(), "a trained model writes something for a clear drawing"
+        assert (sequence == model.config.eos_token_id).any(), "decoding ends with eos, not at the length limit"
+
+
+def test_prediction_cli_uses_it_by_default(capsys):
+    assert predict.DEFAULT_MODEL_DIR == CHECKPOINT
+    assert predict.main([str(EXAMPLES[0])]) == 0
+    name, latex = capsys.readouterr().out.splitlines()[0].split("\t")
+    assert name == str(EXAMPLES[0]) and latex.strip()
