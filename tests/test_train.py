@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -300,6 +301,7 @@ def test_two_processes_train_together_and_end_with_identical_weights(two_process
     # 48 expressions in size-grouped batches, split between 2 processes: each ran half the batches.
     log = json.loads((two_process_run / "model" / "training_log.json").read_text())
     assert log["epochs"] == 1 and 0 < summary["global_step"] < 48
+    assert log["num_processes"] == 2 and log["n_parameters"] > 0 and log["n_train"] == 48
     model_dir = two_process_run / "model"
     for name in ("model.safetensors", "config.json", "generation_config.json", "vocab.json",
                  "processor_config.json", "README.md", "training_curves.png"):
@@ -363,6 +365,16 @@ def test_saved_model_loads_and_the_evaluation_cli_scores_it(two_process_run, tin
     assert 0 <= figures["exprate"] <= figures["le1"] <= figures["le2"] <= figures["le3"] <= 1
     rows = (tmp_path / "test_2014.predictions.tsv").read_text().splitlines()
     assert rows[0] == "name\treference\tprediction\tdistance" and len(rows) == 1 + figures["n_scored"]
+
+    # --update_card scores the whole split into a copy of the folder's card (test_results.json + README.md).
+    card_dir = tmp_path / "model"
+    shutil.copytree(model_dir, card_dir)
+    _run([sys.executable, "-m", "train.evaluate_model", "--model", str(card_dir), "--data_dir", str(tiny_crohme),
+          "--split", "test_2014", "--max_new_tokens", "10", "--num_threads", "1", "--update_card",
+          "--cache_dir", str(two_process_run.parent / "datasets_cache")])
+    results = json.loads((card_dir / "test_results.json").read_text())
+    assert results["test_2014"]["n_scored"] + results["test_2014"]["n_skipped"] == 8
+    assert "| CROHME 2014 test | " in (card_dir / "README.md").read_text()
 
 
 def test_push_folder_to_hub_then_from_pretrained(tiny_model_dir, tmp_path):

@@ -6,7 +6,8 @@
 Images are the split's standard renders (the dataset's "image" column) fed through the model's own
 `HMERProcessor`, exactly as a user's image would be; an image the processor rejects (blank, say)
 is skipped and counted. Prints a table; with --output_json writes the figures as JSON and the
-predictions as a TSV next to it (name, reference, prediction, token edit distance).
+predictions as a TSV next to it (name, reference, prediction, token edit distance); with
+--update_card adds them to the model folder's card (see train/model_card.py).
 """
 
 from __future__ import annotations
@@ -210,11 +211,17 @@ def parse_args(argv=None):
     parser.add_argument("--cache_dir", default=None, help="datasets cache folder for the built CROHME splits")
     parser.add_argument("--output_json", type=Path, default=None, help="write figures here, predictions next to it")
     parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--update_card", action="store_true",
+                        help="add the figures to the model folder's test_results.json and README.md (model card)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.update_card and args.limit is not None:
+        raise SystemExit("--update_card scores the whole split: drop --limit")
+    if args.update_card and not (Path(args.model) / "training_log.json").exists():
+        raise SystemExit(f"--update_card needs a model folder written by train/train.py; {args.model} is not one")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     from data_scripts.crohme import load_crohme
@@ -238,11 +245,16 @@ def main(argv=None) -> dict:
         channels_last=args.channels_last,
     )
     settings = {"model": args.model, "split": args.split, "num_beams": num_beams, "limit": args.limit,
-                "batch_size": args.batch_size, "bf16": args.bf16, "device": args.device}
+                "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "bf16": args.bf16,
+                "channels_last": args.channels_last, "device": args.device, "num_threads": torch.get_num_threads()}
     print(format_table(figures, f"{args.model} on {args.split} (beam {num_beams})"))
     if args.output_json is not None:
         write_outputs(figures, rows, args.output_json, {"settings": settings})
         print(f"wrote {args.output_json} and {predictions_path(args.output_json)}")
+    if args.update_card:
+        from train.model_card import record_test_results
+
+        print(f"updated {record_test_results(Path(args.model), args.split, figures, settings)}")
     return figures
 
 

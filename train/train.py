@@ -67,6 +67,7 @@ from train.data import (  # noqa: E402
     single_thread_worker_init,
 )
 from train.evaluate_model import load_metric, predict_images  # noqa: E402
+from train.model_card import TEST_RESULTS, TRAINING_LOG, write_model_card  # noqa: E402
 
 
 
@@ -453,72 +454,6 @@ def plot_curves(progress: TrainingProgress, path: Path) -> None:
     plt.close(fig)
 
 
-def write_model_card(path: Path, config: dict, progress: TrainingProgress, hardware: str, n_train: int,
-                     n_heldout: int, n_parameters: int) -> None:
-    best = progress.best
-    rows = "\n".join(
-        f"| {e['epoch']:g} | {e['step']} | {100 * e['exprate']:.2f} | {100 * e['le1']:.2f} | {100 * e['le2']:.2f} "
-        f"| {100 * e['le3']:.2f} | {100 * e['ser']:.2f} | {e['minutes']:.0f} |"
-        for e in progress.evals
-    )
-    origin = (f"Fine-tuned from `{config['init_from']}`" if config.get("init_from")
-              else "Trained from scratch")
-    model_desc = ", ".join(f"{k}={v}" for k, v in sorted(config["model"].items())) or "HMERConfig defaults"
-    command = progress.commands[0] if progress.commands else ""
-    card = f"""---
-library_name: transformers
-pipeline_tag: image-to-text
-tags:
-- handwritten-math
-- hmer
-- crohme
-- latex
-metrics:
-- exprate
----
-
-# HMER model `{config['run_name']}`
-
-Handwritten mathematical expression recognition: an image of a handwritten expression in, LaTeX
-tokens out. {origin} on the CROHME 2014/2016 training set with this project's
-`train/train.py`.
-
-- Model: {model_desc}; {n_parameters / 1e6:.2f}M parameters.
-- Training data: {n_train} CROHME training expressions, rendered from the ink with stroke-level
-  augmentation (`augment: {config['augment']}`); {n_heldout} further training expressions held out
-  (fixed, chosen by a hash of their names) to choose this checkpoint. The CROHME test sets were not
-  used for any choice.
-- Best held-out ExpRate (greedy): **{100 * best.get('exprate', 0):.2f}%** at epoch {best.get('epoch', '-')}
-  (step {best.get('step', '-')}).
-- Trained for {progress.epoch} full epoch(s), {progress.global_step} optimizer steps,
-  {progress.train_seconds / 3600:.2f} hours on {hardware}.
-- Optimizer {config['optimizer']}, learning rate {config['learning_rate']}, schedule {config['lr_scheduler']}
-  (warmup {config['warmup_steps']} steps), mixed precision {config['mixed_precision']}, pixel budget
-  {config['pixel_budget']} per batch.
-
-## Held-out slice, per evaluation (greedy decoding, %)
-
-| epoch | step | ExpRate | <=1 | <=2 | <=3 | symbol error rate | minutes |
-|---|---|---|---|---|---|---|---|
-{rows}
-
-Test-set figures (beam search) come from `python -m train.evaluate_model --model <this folder>
---data_dir <CROHME> --split test_2014 --num_beams 10`.
-
-## Reproduce
-
-```
-{command}
-```
-
-## Limits
-
-Trained only on CROHME (about 8,800 expressions, 110 symbols): symbols outside that set cannot be
-written, and long or multi-line expressions are read less reliably than short ones.
-"""
-    path.write_text(card)
-
-
 def reproduce_command(argv: list[str], num_processes: int) -> str:
     """The command line of a run without its time budget and resume flags.
 
@@ -682,6 +617,8 @@ def main(argv=None) -> None:
             save_model(args.output_dir)
 
     def save_model(folder: Path) -> None:
+        if accelerator.is_main_process:  # test figures measured on the weights being replaced
+            (Path(folder) / TEST_RESULTS).unlink(missing_ok=True)
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(
             folder, is_main_process=accelerator.is_main_process, state_dict=contiguous_state_dict(unwrapped)
@@ -691,13 +628,15 @@ def main(argv=None) -> None:
             write_reports(folder)
 
     def write_reports(folder: Path) -> None:
-        write_model_card(folder / "README.md", config, progress, hardware, len(train_idx), len(heldout_idx),
-                         n_parameters)
-        (folder / "training_log.json").write_text(
+        (folder / TRAINING_LOG).write_text(
             json.dumps({"config": config, "evals": progress.evals, "best": progress.best,
                         "epochs": progress.epoch, "steps": progress.global_step,
-                        "hours": progress.train_seconds / 3600, "hardware": hardware}, indent=2) + "\n"
+                        "hours": progress.train_seconds / 3600, "hardware": hardware,
+                        "num_processes": accelerator.num_processes, "n_parameters": n_parameters,
+                        "n_train": len(train_idx), "n_heldout": len(heldout_idx),
+                        "commands": progress.commands}, indent=2) + "\n"
         )
+        write_model_card(folder)
         plot_curves(progress, folder / "training_curves.png")
 
     # ---- training loop

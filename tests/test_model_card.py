@@ -1,0 +1,114 @@
+"""Model cards rendered from a model folder's JSON files, and the equal-budget run comparison."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+from safetensors import safe_open
+
+from train import compare_runs, model_card
+
+
+def _eval(epoch, minutes, exprate, ser):
+    return {"epoch": epoch, "step": int(100 * epoch), "minutes": minutes, "exprate": exprate,
+            "le1": min(1.0, exprate + 0.1), "le2": min(1.0, exprate + 0.2), "le3": min(1.0, exprate + 0.3), "ser": ser}
+
+
+def _write_run(folder: Path, name: str, decoder: str, processes: int, evals: list[dict], source: Path = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if source is not None:
+        shutil.copy(source / "model.safetensors", folder / "model.safetensors")
+    config = {"run_name": name, "model": {"decoder_type": decoder}, "augment": True, "heldout_size": 500,
+              "optimizer": "adamw", "learning_rate": 1e-3, "lr_scheduler": "cosine", "num_epochs": 12,
+              "warmup_steps": 300, "mixed_precision": "bf16", "pixel_budget": 400000, "num_threads": 1,
+              "init_from": None}
+    best = max(evals, key=lambda e: e["exprate"])
+    log = {"config": config, "evals": evals, "best": best, "epochs": int(evals[-1]["epoch"]),
+           "steps": evals[-1]["step"], "hours": evals[-1]["minutes"] / 60,
+           "hardware": f"{processes} process(es) on CPU (test, 2 cores)", "num_processes": processes,
+           "n_train": 8335, "commands": [f"accelerate launch train/train.py --config train/configs/{name}.yaml"]}
+    (folder / model_card.TRAINING_LOG).write_text(json.dumps(log))
+    return folder
+
+
+def test_parameters_are_counted_from_the_safetensors_header(tiny_model_dir):
+    with safe_open(str(tiny_model_dir / "model.safetensors"), framework="pt") as f:
+        expected = sum(f.get_tensor(k).numel() for k in f.keys()
+                       if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert model_card.count_parameters(tiny_model_dir) == expected > 0
+
+
+def test_cpu_hours_count_processes_and_threads():
+    log = {"num_processes": 2, "hardware": "2 process(es) on CPU (x, 2 cores)", "config": {"num_threads": 1}}
+    assert model_card.cpu_hours(log, 60) == pytest.approx(2.0)
+    older = {"hardware": "2 process(es) on CPU (x, 2 cores)", "config": {"num_threads": 2}}  # no num_processes
+    assert model_card.cpu_hours(older, 30) == pytest.approx(2.0)
+    gpu = {"num_processes": 1, "hardware": "1 process(es) on NVIDIA H100", "config": {"num_threads": 4}}
+    assert model_card.cpu_hours(gpu, 60) == pytest.approx(1.0)
+
+
+def test_card_shows_training_then_test_results_in_text_and_metadata(tiny_model_dir, tmp_path):
+    folder = _write_run(tmp_path / "gru", "gru", "gru", 1,
+                        [_eval(1, 50, 0.004, 0.96), _eval(2, 100, 0.123, 0.40)], source=tiny_model_dir)
+    card = model_card.write_model_card(folder).read_text()
+    assert "**12.30%** at epoch 2" in card
+    assert "| 2 | 200 | 12.30 | 22.30 | 32.30 | 42.30 | 40.00 | 100 | 1.67 |" in card
+    assert "Not measured yet for these weights" in card
+    assert "accelerate launch train/train.py --config train/configs/gru.yaml" in card
+    assert ModelCard.load(folder / "README.md").data.eval_results is None
+
+    figures = {"n_scored": 986, "n_skipped": 0, "exprate": 0.4012, "le1": 0.55, "le2": 0.6, "le3": 0.65,
+               "ser": 0.2, "ms_per_image": 150.0}
+    model_card.record_test_results(folder, "test_2014", figures, {"num_beams": 5, "bf16": True, "num_threads": 1})
+    card_text = (folder / "README.md").read_text()
+    assert "| CROHME 2014 test | 986 (0 skipped) | 5 | **40.12** |" in card_text
+    assert "the original project 38.6%" in card_text and "Not measured yet" not in card_text
+    results = ModelCard.load(folder / "README.md").data.eval_results
+    exprate = [r for r in results if r.metric_type == "exprate"]
+    assert [(r.dataset_split, r.metric_value) for r in exprate] == [("test_2014", 40.12)]
+    # A second split is added beside the first, not in its place.
+    model_card.record_test_results(folder, "test_2016", {**figures, "n_scored": 1147}, {"num_beams": 5})
+    assert set(json.loads((folder / model_card.TEST_RESULTS).read_text())) == {"test_2014", "test_2016"}
+
+
+def test_card_needs_a_training_log(tmp_path):
+    with pytest.raises(FileNotFoundError, match="training_log.json"):
+        model_card.render_model_card(tmp_path)
+
+
+def test_runs_compare_at_an_equal_cpu_budget(tiny_model_dir, tmp_path, capsys):
+    # One process: 2 CPU-hours after 120 minutes. Two processes: 2 CPU-hours after 60 minutes, so its
+    # better evaluation at 90 minutes (3 CPU-hours) is over the budget and must not count.
+    one = _write_run(tmp_path / "gru", "gru", "gru", 1,
+                     [_eval(1, 60, 0.02, 0.8), _eval(2, 120, 0.05, 0.6)], source=tiny_model_dir)
+    two = _write_run(tmp_path / "transformer", "transformer", "transformer", 2,
+                     [_eval(1, 30, 0.01, 0.9), _eval(2, 60, 0.03, 0.7), _eval(3, 90, 0.20, 0.3)], source=tiny_model_dir)
+    card_dir = _write_run(tmp_path / "release", "gru", "gru", 1, [_eval(2, 120, 0.05, 0.6)], source=tiny_model_dir)
+
+    comparison = compare_runs.main([str(one), str(two), "--budget_hours", "2", "--card", str(card_dir)])
+    rows = {r["run"]: r for r in comparison["rows"]}
+    assert rows["gru"]["exprate"] == 0.05 and rows["gru"]["cpu_hours"] == pytest.approx(2.0)
+    assert rows["transformer"]["exprate"] == 0.03 and rows["transformer"]["cpu_hours"] == pytest.approx(2.0)
+    assert "`gru` (decoder gru) leads: held-out ExpRate 5.00% against 3.00%" in comparison["conclusion"]
+    assert "| gru | gru |" in capsys.readouterr().out
+
+    card = (card_dir / "README.md").read_text()
+    assert "## Decoder comparison at an equal budget" in card and "| transformer | transformer |" in card
+    assert (card_dir / "comparison.png").stat().st_size > 0
+    # Without a budget every evaluation counts, and the two-process run leads.
+    assert compare_runs.compare([one, two], None)["rows"][1]["exprate"] == 0.20
+
+
+def test_a_run_short_of_the_budget_is_named(tiny_model_dir, tmp_path):
+    one = _write_run(tmp_path / "a", "a", "gru", 1, [_eval(1, 60, 0.02, 0.8)], source=tiny_model_dir)
+    two = _write_run(tmp_path / "b", "b", "transformer", 1, [_eval(1, 100, 0.03, 0.7), _eval(2, 150, 0.04, 0.6)],
+                     source=tiny_model_dir)
+    comparison = compare_runs.compare([one, two], 2.0)
+    assert "Not yet trained for the whole budget: a." in comparison["conclusion"]
+    with pytest.raises(SystemExit, match="no held-out evaluation within 0.5"):
+        compare_runs.compare([two], 0.5)
+    assert compare_runs.compare([two], 2.0)["rows"][0]["exprate"] == 0.03  # the 2.5 CPU-hour evaluation is over

@@ -1,0 +1,276 @@
+"""The model card (README.md) of a trained model folder, rendered from the JSON files beside the weights.
+
+Three tools write into a model folder, each its own JSON file, and each re-renders the card:
+
+- `train/train.py` writes `training_log.json` (config, held-out evaluations, time, hardware);
+- `train/evaluate_model.py --update_card` adds a test split's figures to `test_results.json`;
+- `train/compare_runs.py --card FOLDER` writes `comparison.json` (decoders at an equal budget).
+
+So the card always states what the folder's files hold. Test figures belong to one set of weights:
+train.py deletes `test_results.json` whenever it writes new weights. The test results also go into
+the card's `model-index` metadata (`huggingface_hub.EvalResult`), which the Hub shows on the page.
+
+    python -m train.model_card checkpoints      # re-render checkpoints/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+
+TRAINING_LOG = "training_log.json"
+TEST_RESULTS = "test_results.json"
+COMPARISON = "comparison.json"
+
+SPLIT_NAMES = {"test_2014": "CROHME 2014 test", "test_2016": "CROHME 2016 test", "train": "CROHME train"}
+# The original project (DenseNet encoder + GRU decoder with coverage, CROHME 2014 test) and the
+# published DWAP result: the bars a release model is measured against.
+REFERENCE_EXPRATES = {"test_2014": {"the original project": 38.6, "published DWAP": 50.1}}
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def _epoch(value: float) -> str:
+    return f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def count_parameters(folder: Path) -> Optional[int]:
+    """Parameters in model.safetensors, read from the file's header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    path = folder / "model.safetensors"
+    if not path.exists():
+        return None
+    total = 0
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            shape = f.get_slice(name).get_shape()
+            if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                n = 1
+                for dim in shape:
+                    n *= dim
+                total += n
+    return total
+
+
+def cpu_hours(log: dict, minutes: float) -> float:
+    """Processor time of `minutes` of training: wall time x processes x torch threads per process.
+
+    On a GPU this is GPU-hours x processes; the threads only count on a CPU.
+    """
+    processes = log.get("num_processes")
+    if processes is None:  # logs written before num_processes was recorded: "N process(es) on ..."
+        match = re.match(r"(\d+) process", log.get("hardware", ""))
+        processes = int(match.group(1)) if match else 1
+    on_cpu = "CPU" in log.get("hardware", "CPU")
+    threads = (log.get("config", {}).get("num_threads") or 1) if on_cpu else 1
+    return minutes / 60 * processes * threads
+
+
+def record_test_results(folder: Path, split: str, figures: dict, settings: dict) -> Path:
+    """Adds one split's test figures (fractions, from evaluate_model) to test_results.json; re-renders."""
+    folder = Path(folder)
+    results = _read_json(folder / TEST_RESULTS) or {}
+    results[split] = {**figures, "settings": settings}
+    (folder / TEST_RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    return write_model_card(folder)
+
+
+def record_comparison(folder: Path, comparison: dict) -> Path:
+    """Stores a decoder comparison (from compare_runs) in comparison.json; re-renders the card."""
+    folder = Path(folder)
+    (folder / COMPARISON).write_text(json.dumps(comparison, indent=2) + "\n")
+    return write_model_card(folder)
+
+
+def _metadata(name: str, tests: dict) -> ModelCardData:
+    eval_results = []
+    for split, figures in tests.items():
+        for key, label in (("exprate", "ExpRate"), ("le1", "ExpRate <= 1 error"), ("ser", "symbol error rate")):
+            eval_results.append(EvalResult(
+                task_type="image-to-text", task_name="Handwritten mathematical expression recognition",
+                dataset_type="crohme", dataset_name=SPLIT_NAMES.get(split, split), dataset_split=split,
+                metric_type=key, metric_name=label, metric_value=round(100 * figures[key], 2),
+                metric_args={"num_beams": figures["settings"].get("num_beams")},
+            ))
+    return ModelCardData(
+        library_name="transformers", pipeline_tag="image-to-text", model_name=name,
+        tags=["handwritten-math", "hmer", "crohme", "latex"], metrics=["exprate"],
+        eval_results=eval_results or None,
+    )
+
+
+def _test_section(tests: dict, folder_hint: str) -> str:
+    command = (f"python -m train.evaluate_model --model {folder_hint} --data_dir ../shared/crohme "
+               f"--split test_2014 --num_beams 10 --update_card")
+    if not tests:
+        return f"Not measured yet for these weights. Measure with\n\n```\n{command}\n```\n"
+    rows = []
+    for split, f in tests.items():
+        s = f["settings"]
+        rows.append(
+            f"| {SPLIT_NAMES.get(split, split)} | {f['n_scored']} ({f['n_skipped']} skipped) | {s.get('num_beams')} "
+            f"| **{_percent(f['exprate'])}** | {_percent(f['le1'])} | {_percent(f['le2'])} | {_percent(f['le3'])} "
+            f"| {_percent(f['ser'])} | {f['ms_per_image']:.0f} |"
+        )
+    lines = [
+        "| test set | expressions | beam | ExpRate | <=1 | <=2 | <=3 | symbol error rate | ms per image |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    for split, references in REFERENCE_EXPRATES.items():
+        if split in tests:
+            bars = ", ".join(f"{name} {value}%" for name, value in references.items())
+            lines.append(f"For comparison on {SPLIT_NAMES[split]}: {bars}.")
+    settings = next(iter(tests.values()))["settings"]
+    lines.append(
+        f"Measured with `train/evaluate_model.py` ({'bfloat16' if settings.get('bf16') else 'float32'}, "
+        f"{settings.get('num_threads') or 'default'} CPU thread(s), batch {settings.get('batch_size')}, "
+        f"max_new_tokens {settings.get('max_new_tokens')}); reproduce with\n\n```\n{command}\n```\n"
+    )
+    return "\n".join(lines)
+
+
+def _comparison_section(comparison: Optional[dict]) -> str:
+    if not comparison:
+        return ""
+    rows = "\n".join(
+        f"| {r['run']} | {r['decoder']} | {r['parameters_m']:.2f}M | {r['cpu_hours']:.2f} | {_epoch(r['epoch'])} "
+        f"| **{_percent(r['exprate'])}** | {_percent(r['le1'])} | {_percent(r['le2'])} | {_percent(r['ser'])} |"
+        for r in comparison["rows"]
+    )
+    return f"""
+## Decoder comparison at an equal budget
+
+Each decoder trained with the same encoder, data and augmentation (learning rate and warmup from its
+own config), for at most {comparison['budget_hours']:g} CPU-hours (wall time x processes x threads); the best held-out evaluation
+within that budget (greedy decoding, %). Made by `python -m train.compare_runs`.
+
+| run | decoder | parameters | CPU-hours | epoch | held-out ExpRate | <=1 | <=2 | symbol error rate |
+|---|---|---|---|---|---|---|---|---|
+{rows}
+
+{comparison.get('conclusion', '')}
+
+![held-out ExpRate against CPU-hours](comparison.png)
+"""
+
+
+def render_model_card(folder: Path) -> ModelCard:
+    """The card for a model folder, from its training_log.json (required) and optional JSON files."""
+    folder = Path(folder)
+    log = _read_json(folder / TRAINING_LOG)
+    if log is None:
+        raise FileNotFoundError(f"{folder / TRAINING_LOG} is missing: the card describes a train.py run")
+    config, best = log["config"], log.get("best") or {}
+    tests = _read_json(folder / TEST_RESULTS) or {}
+    n_parameters = log.get("n_parameters") or count_parameters(folder)
+    model_desc = ", ".join(f"{k}={v}" for k, v in sorted(config["model"].items())) or "HMERConfig defaults"
+    origin = f"Fine-tuned from `{config['init_from']}`" if config.get("init_from") else "Trained from scratch"
+    n_train = log.get("n_train")
+    train_desc = f"{n_train} CROHME training expressions" if n_train else "the CROHME training expressions"
+    heldout_rows = "\n".join(
+        f"| {_epoch(e['epoch'])} | {e['step']} | {_percent(e['exprate'])} | {_percent(e['le1'])} | {_percent(e['le2'])} "
+        f"| {_percent(e['le3'])} | {_percent(e['ser'])} | {e['minutes']:.0f} | {cpu_hours(log, e['minutes']):.2f} |"
+        for e in log.get("evals", [])
+    )
+    commands = log.get("commands") or []
+    # Logs written before the command was recorded: the run's config file says the same.
+    command = commands[0] if commands else (
+        f"accelerate launch train/train.py --config train/configs/{config['run_name']}.yaml "
+        f"--data_dir ../shared/crohme --output_dir OUTPUT_DIR"
+    )
+    hours = log.get("hours", 0.0)
+    name = config["run_name"]
+    body = f"""
+# HMER model `{name}`
+
+Handwritten mathematical expression recognition: an image of a handwritten expression in, LaTeX
+tokens out. {origin} on the CROHME 2014/2016 training set with this project's `train/train.py`.
+
+- Model: {model_desc}; {(n_parameters or 0) / 1e6:.2f}M parameters.
+- Training data: {train_desc}, rendered from the ink with stroke-level augmentation
+  (`augment: {config['augment']}`); {config['heldout_size']} further training expressions held out (fixed,
+  chosen by a hash of their names) to choose this checkpoint. The CROHME test sets were not used for any choice.
+- Best held-out ExpRate (greedy): **{_percent(best.get('exprate', 0))}%** at epoch {_epoch(best.get('epoch', 0))}
+  (step {best.get('step', '-')}).
+- Trained for {log.get('epochs', 0)} full epoch(s), {log.get('steps', 0)} optimizer steps, {hours:.2f} hours
+  ({cpu_hours(log, 60 * hours):.2f} CPU-hours) on {log.get('hardware', 'unknown hardware')}.
+- Optimizer {config['optimizer']}, learning rate {config['learning_rate']}, schedule {config['lr_scheduler']}
+  over {config['num_epochs']} epochs (warmup {config['warmup_steps']} steps), mixed precision
+  {config['mixed_precision']}, pixel budget {config['pixel_budget']} per batch.
+
+## Use
+
+```python
+import modeling_hmer  # registers HMERConfig, HMERForConditionalGeneration, HMERProcessor with the Auto classes
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from PIL import Image
+
+processor = AutoProcessor.from_pretrained("checkpoints")
+model = AutoModelForImageTextToText.from_pretrained("checkpoints")
+inputs = processor(images=Image.open("expression.png"), return_tensors="pt")
+print(processor.batch_decode(model.generate(**inputs, num_beams=5))[0])
+```
+
+or `python -m modeling_hmer.predict expression.png`.
+
+## Test sets (beam search, %)
+
+{_test_section(tests, str(folder))}
+## Held-out slice, per evaluation (greedy decoding, %)
+
+| epoch | step | ExpRate | <=1 | <=2 | <=3 | symbol error rate | minutes | CPU-hours |
+|---|---|---|---|---|---|---|---|---|
+{heldout_rows}
+
+![training curves](training_curves.png)
+{_comparison_section(_read_json(folder / COMPARISON))}
+## Reproduce
+
+```
+{command}
+```
+
+A run stopped by `--max_minutes` continues with the same command plus `--resume` (and the same
+`--state_dir`); a run done in several segments equals one uninterrupted run.
+
+## Limits
+
+- Trained only on CROHME (about 8,800 expressions, 110 symbols): symbols outside that set cannot be
+  written, and long or multi-line expressions are read less reliably than short ones.
+- Trained on CPU for a small fraction of the published recipes' budget: read the held-out curve
+  and the test table above before relying on it.
+- Images are expected as one expression, dark ink on a light (or light on a dark) background;
+  photos with uneven lighting are not corrected.
+"""
+    return ModelCard(f"---\n{_metadata(name, tests).to_yaml()}\n---\n{body}")
+
+
+def write_model_card(folder: Path) -> Path:
+    path = Path(folder) / "README.md"
+    render_model_card(folder).save(path)
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Re-render a trained model folder's README.md from its JSON files.")
+    parser.add_argument("folder", type=Path)
+    print(write_model_card(parser.parse_args(argv).folder))
+
+
+if __name__ == "__main__":
+    main()
