@@ -346,6 +346,44 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_result(tiny_crohme, t
 
 
 @pytest.mark.slow
+def test_total_budget_and_sigterm_stop_with_an_evaluation_and_a_clean_save(tiny_crohme, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("budget") / "run"
+    # Run the script itself (no launcher) so the signal reaches the training process.
+    launched = _train_command(1, tiny_crohme, run_dir, "--num_epochs", "50")
+    command = [sys.executable, *launched[launched.index(str(REPO_ROOT / "train/train.py")):]]
+
+    _run(command + ["--max_total_minutes", "0.05"])  # 3 s of training, all segments together
+    first = _summary(run_dir)
+    assert first["epochs"] < 50 and first["minutes"] >= 0.05
+    log = json.loads((run_dir / "model" / "training_log.json").read_text())
+    assert log["evals"][-1]["step"] == first["global_step"], "a budget stop ends with a held-out evaluation"
+
+    again = _run(command + ["--max_total_minutes", "0.05", "--resume"])
+    assert "nothing to do" in again.stdout + again.stderr
+    assert _summary(run_dir)["global_step"] == first["global_step"]
+
+    # Resumed without a budget, then stopped with SIGTERM: it finishes its chunk, evaluates and saves.
+    process = subprocess.Popen(command + ["--resume"], cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if "resumed from" in line:
+            break
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    output.append(process.communicate(timeout=240)[0])
+    text = "".join(output)
+    assert process.returncode == 0, text[-3000:]
+    assert "SIGTERM: stopping after this chunk" in text
+    stopped = _summary(run_dir)
+    assert first["global_step"] < stopped["global_step"] and stopped["epochs"] < 50
+    assert (run_dir / "state" / f"step_{stopped['global_step']:09d}").is_dir(), "the state at the stop is saved"
+    log = json.loads((run_dir / "model" / "training_log.json").read_text())
+    assert log["evals"][-1]["step"] == stopped["global_step"]
+
+
+@pytest.mark.slow
 def test_saved_model_loads_and_the_evaluation_cli_scores_it(two_process_run, tiny_crohme, tmp_path):
     from modeling_hmer import HMERForConditionalGeneration
 

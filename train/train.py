@@ -23,7 +23,8 @@ Any key of the YAML config can be overridden on the command line (`--learning_ra
    config, generation config, tokenizer, image processor, a model card with the metrics);
 5. saves the full training state (`accelerator.save_state`) every `save_every_minutes` into
    `state_dir`, outside the repository; `--resume` continues from the latest one at the same step,
-   learning rate and data order; `--max_minutes` stops with a clean save.
+   learning rate and data order; `--max_minutes` (this segment) or `--max_total_minutes` (all
+   segments together), Ctrl+C or SIGTERM stop with a held-out evaluation and a clean save.
 
 Loss, learning rate and ExpRate go to TensorBoard (in `state_dir/logs`) and to
 `training_curves.png` in `--output_dir`.
@@ -38,6 +39,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -149,6 +151,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--resume", action="store_true", help="continue from the latest state in state_dir")
     parser.add_argument("--init_from", default=None, help="start from this saved model (folder or Hub id)")
     parser.add_argument("--max_minutes", type=float, default=None, help="stop (with a clean save) after this long")
+    parser.add_argument("--max_total_minutes", type=float, default=None,
+                        help="stop (with a clean save and a held-out evaluation) once the run, all resumed "
+                             "segments together, has trained this long: compare runs at an equal budget")
     parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps in all")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="upload the best model at the end")
     args, rest = parser.parse_known_args(argv)
@@ -287,6 +292,26 @@ class TrainingProgress:
         if "batches_in_epoch" in state:  # saved by train.py before chunks (25 Nov 2026): batches, not chunks
             self.legacy_batches_in_epoch = state.pop("batches_in_epoch")
         vars(self).update(state)
+
+
+class StopRequest:
+    """Turns the first SIGINT (Ctrl+C) or SIGTERM into a request to stop at the next chunk boundary.
+
+    The run then ends as if its time budget were spent: held-out evaluation, state saved, `--resume`
+    continues from there. A second signal stops at once (the last saved state is kept).
+    """
+
+    def __init__(self):
+        self.requested = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this chunk with a clean save "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -466,7 +491,7 @@ def reproduce_command(argv: list[str], num_processes: int) -> str:
             skip_next = False
             continue
         name = arg.split("=", 1)[0]
-        if name in ("--resume", "--max_minutes", "--max_steps", "--state_dir", "--push_to_hub"):
+        if name in ("--resume", "--max_minutes", "--max_total_minutes", "--max_steps", "--state_dir", "--push_to_hub"):
             skip_next = "=" not in arg and name != "--resume"
             continue
         kept.append(arg)
@@ -640,6 +665,7 @@ def main(argv=None) -> None:
         plot_curves(progress, folder / "training_curves.png")
 
     # ---- training loop
+    stop_request = StopRequest()  # Ctrl+C or SIGTERM: finish the chunk, evaluate, save, then stop
     segment_start = time.time()
     if args.init_from and progress.global_step == 0 and not progress.evals:
         # The starting model is the score to beat: output_dir is only overwritten by a better model.
@@ -648,7 +674,11 @@ def main(argv=None) -> None:
         if not (args.output_dir / "config.json").exists():
             save_model(args.output_dir)
     last_save, last_save_step = time.time(), progress.global_step
-    stop = False
+    first_step = progress.global_step
+    stop = args.max_total_minutes is not None and progress.train_seconds / 60 >= args.max_total_minutes
+    if stop:
+        accelerator.print(f"already trained {progress.train_seconds / 60:.1f} minutes in all "
+                          f"(--max_total_minutes {args.max_total_minutes:g}): nothing to do")
     running_loss, running_batches = torch.zeros((), device=accelerator.device), 0
     running_images, log_start = 0, time.time()
 
@@ -708,7 +738,10 @@ def main(argv=None) -> None:
                     (now - last_save) / 60 >= config["save_every_minutes"]
                     or (config["save_every_steps"] and progress.global_step - last_save_step >= config["save_every_steps"]),
                     (args.max_minutes is not None and (now - start_time) / 60 >= args.max_minutes)
-                    or (args.max_steps is not None and progress.global_step >= args.max_steps),
+                    or (args.max_total_minutes is not None
+                        and (progress.train_seconds + now - segment_start) / 60 >= args.max_total_minutes)
+                    or (args.max_steps is not None and progress.global_step >= args.max_steps)
+                    or stop_request.requested,
                 ],
                 dtype=torch.int32,
                 device=accelerator.device,
@@ -733,7 +766,7 @@ def main(argv=None) -> None:
         last_save, last_save_step = time.time(), progress.global_step
 
     # ---- clean end: evaluate a partial epoch, save state, best and last model, reports
-    if stop and progress.chunks_in_epoch:
+    if stop and progress.chunks_in_epoch and progress.global_step > first_step:
         finish_epoch_evaluation(progress.epoch + progress.chunks_in_epoch / max(len(train_loader), 1))
     progress.train_seconds += time.time() - segment_start
     segment_start = time.time()
