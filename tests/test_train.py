@@ -381,6 +381,17 @@ def test_total_budget_and_sigterm_stop_with_an_evaluation_and_a_clean_save(tiny_
     assert (run_dir / "state" / f"step_{stopped['global_step']:09d}").is_dir(), "the state at the stop is saved"
     log = json.loads((run_dir / "model" / "training_log.json").read_text())
     assert log["evals"][-1]["step"] == stopped["global_step"]
+    assert 0 < log["evals"][-1]["cpu_hours"] == pytest.approx(log["cpu_hours"], rel=0.2)
+
+    # The same state continued by two processes: accepted (not bit-exact), the epoch carries on.
+    resumed = _run(_train_command(2, tiny_crohme, run_dir, "--num_epochs", "50", "--resume",
+                                  "--max_steps", str(stopped["global_step"] + 3)))
+    text = resumed.stdout + resumed.stderr
+    assert "the state was saved by 1 process(es), resumed by 2" in text
+    assert f"epoch {stopped['epochs']}, step {stopped['global_step']}," in text
+    two = _summary(run_dir)
+    assert two["num_processes"] == 2 and two["global_step"] >= stopped["global_step"] + 3
+    assert two["weights_sha256_per_process"][0] == two["weights_sha256_per_process"][1]
 
 
 @pytest.mark.slow
@@ -445,6 +456,28 @@ def test_reproduce_command_drops_time_budget_and_resume_flags():
     argv = ["--config", "c.yaml", "--max_minutes", "60", "--resume", "--state_dir=/s", "--learning_rate", "1e-3"]
     assert reproduce_command(argv, 1) == "accelerate launch train/train.py --config c.yaml --learning_rate 1e-3"
     assert reproduce_command(["--config", "c.yaml"], 2).startswith("accelerate launch --multi_gpu --num_processes 2 ")
+
+
+def test_resuming_with_another_process_count_keeps_the_learning_rate_and_epoch_position():
+    from train.train import LRSchedule, TrainingProgress, resume_with_other_process_count
+
+    def schedule_at(step, total):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = LRSchedule(optimizer, "cosine", total_steps=total, warmup_steps=10, min_lr_ratio=0.0)
+        for _ in range(step):
+            schedule.step()
+        return schedule
+
+    # One process, 1000 steps an epoch, 12 epochs; 3000 steps done, 100 chunks into epoch 3.
+    saved = schedule_at(3000, 12000)
+    progress = TrainingProgress()
+    progress.epoch, progress.chunks_in_epoch = 3, 100
+    # Two processes: 500 steps an epoch; the same point is step 1500, chunk 50 of each process.
+    moved = schedule_at(0, 6000)
+    moved.load_state_dict(saved.state_dict())
+    resume_with_other_process_count(progress, moved, saved=1, now=2)
+    assert moved.steps == 1500 and progress.chunks_in_epoch == 50 and progress.epoch == 3
+    assert moved.get_last_lr()[0] == pytest.approx(saved.get_last_lr()[0], rel=0.01)
 
 
 def test_progress_state_from_before_chunks_is_converted():

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from train.model_card import TRAINING_LOG, count_parameters, cpu_hours, record_comparison
+from train.model_card import TRAINING_LOG, count_parameters, eval_cpu_hours, record_comparison
 
 
 def load_run(folder: Path) -> dict:
@@ -29,7 +29,7 @@ def load_run(folder: Path) -> dict:
 
 def best_within_budget(log: dict, budget_hours: Optional[float]) -> Optional[dict]:
     """The best held-out evaluation (ExpRate, then lower symbol error rate) within the budget."""
-    evals = [e for e in log.get("evals", []) if budget_hours is None or cpu_hours(log, e["minutes"]) <= budget_hours + 1e-9]
+    evals = [e for e in log.get("evals", []) if budget_hours is None or eval_cpu_hours(log, e) <= budget_hours + 1e-9]
     return max(evals, key=lambda e: (e["exprate"], -e["ser"]), default=None)
 
 
@@ -40,13 +40,13 @@ def compare(folders: list[Path], budget_hours: Optional[float]) -> dict:
         best = best_within_budget(log, budget_hours)
         if best is None:
             raise SystemExit(f"{folder}: no held-out evaluation within {budget_hours} CPU-hours")
-        spent = max((cpu_hours(log, e["minutes"]) for e in log["evals"]), default=0.0)
+        spent = max((eval_cpu_hours(log, e) for e in log["evals"]), default=0.0)
         rows.append({
             "run": log["config"]["run_name"],
             "folder": str(folder),
             "decoder": log["config"]["model"].get("decoder_type", "gru"),
             "parameters_m": (log.get("n_parameters") or count_parameters(Path(folder)) or 0) / 1e6,
-            "cpu_hours": cpu_hours(log, best["minutes"]),
+            "cpu_hours": eval_cpu_hours(log, best),
             "cpu_hours_trained": spent,
             **{key: best[key] for key in ("epoch", "step", "exprate", "le1", "le2", "le3", "ser")},
         })
@@ -85,7 +85,7 @@ def plot_comparison(folders: list[Path], path: Path, budget_hours: Optional[floa
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for folder in folders:
         log = load_run(folder)
-        hours = [cpu_hours(log, e["minutes"]) for e in log["evals"]]
+        hours = [eval_cpu_hours(log, e) for e in log["evals"]]
         label = f"{log['config']['run_name']} ({log['config']['model'].get('decoder_type', 'gru')})"
         axes[0].plot(hours, [100 * e["exprate"] for e in log["evals"]], "o-", label=label)
         axes[1].plot(hours, [100 * e["ser"] for e in log["evals"]], "o-", label=label)

@@ -65,10 +65,16 @@ def count_parameters(folder: Path) -> Optional[int]:
     return total
 
 
-def cpu_hours(log: dict, minutes: float) -> float:
-    """Processor time of `minutes` of training: wall time x processes x torch threads per process.
+def eval_cpu_hours(log: dict, record: dict) -> float:
+    """CPU-hours spent when a held-out evaluation was made (train.py records them; older logs: estimated)."""
+    return record["cpu_hours"] if "cpu_hours" in record else cpu_hours(log, record["minutes"])
 
-    On a GPU this is GPU-hours x processes; the threads only count on a CPU.
+
+def cpu_hours(log: dict, minutes: float) -> float:
+    """Processor time of `minutes` of training at the log's setting: wall time x processes x torch threads.
+
+    On a GPU this is GPU-hours x processes; the threads only count on a CPU. Only an estimate for a run
+    whose segments used different process counts: train.py records the exact figure with each evaluation.
     """
     processes = log.get("num_processes")
     if processes is None:  # logs written before num_processes was recorded: "N process(es) on ..."
@@ -184,7 +190,7 @@ def render_model_card(folder: Path) -> ModelCard:
     train_desc = f"{n_train} CROHME training expressions" if n_train else "the CROHME training expressions"
     heldout_rows = "\n".join(
         f"| {_epoch(e['epoch'])} | {e['step']} | {_percent(e['exprate'])} | {_percent(e['le1'])} | {_percent(e['le2'])} "
-        f"| {_percent(e['le3'])} | {_percent(e['ser'])} | {e['minutes']:.0f} | {cpu_hours(log, e['minutes']):.2f} |"
+        f"| {_percent(e['le3'])} | {_percent(e['ser'])} | {e['minutes']:.0f} | {eval_cpu_hours(log, e):.2f} |"
         for e in log.get("evals", [])
     )
     commands = log.get("commands") or []
@@ -208,7 +214,7 @@ tokens out. {origin} on the CROHME 2014/2016 training set with this project's `t
 - Best held-out ExpRate (greedy): **{_percent(best.get('exprate', 0))}%** at epoch {_epoch(best.get('epoch', 0))}
   (step {best.get('step', '-')}).
 - Trained for {log.get('epochs', 0)} full epoch(s), {log.get('steps', 0)} optimizer steps, {hours:.2f} hours
-  ({cpu_hours(log, 60 * hours):.2f} CPU-hours) on {log.get('hardware', 'unknown hardware')}.
+  ({log.get('cpu_hours', cpu_hours(log, 60 * hours)):.2f} CPU-hours) on {log.get('hardware', 'unknown hardware')}.
 - Optimizer {config['optimizer']}, learning rate {config['learning_rate']}, schedule {config['lr_scheduler']}
   over {config['num_epochs']} epochs (warmup {config['warmup_steps']} steps), mixed precision
   {config['mixed_precision']}, pixel budget {config['pixel_budget']} per batch.

@@ -5,7 +5,9 @@
 
 On a CPU-only machine, `accelerate launch --multi_gpu --num_processes 2 train/train.py ...` trains
 with two processes (one torch thread each, gloo); `accelerate launch --cpu --num_processes 2` only
-ever starts one process. A resumed run must use as many processes as the run it continues.
+ever starts one process. A run resumed with as many processes as it was saved with continues
+bit-exactly; with another number it continues from the same weights, optimizer state, epoch
+position and learning rate (moving a CPU run to two processes or to a GPU, say).
 
 Any key of the YAML config can be overridden on the command line (`--learning_rate 1e-3`,
 `--model.decoder_type transformer`). What it does, in order:
@@ -278,6 +280,7 @@ class TrainingProgress:
         self.chunks_in_epoch = 0
         self.global_step = 0
         self.train_seconds = 0.0
+        self.cpu_seconds: Optional[float] = 0.0  # train_seconds x processes x threads (x GPUs on GPU)
         self.best_exprate = -1.0
         self.best = {}
         self.history = {"step": [], "loss": [], "lr": []}
@@ -291,7 +294,12 @@ class TrainingProgress:
         state = dict(state)
         if "batches_in_epoch" in state:  # saved by train.py before chunks (25 Nov 2026): batches, not chunks
             self.legacy_batches_in_epoch = state.pop("batches_in_epoch")
+        state.setdefault("cpu_seconds", None)  # saved before it was counted: set on resume
         vars(self).update(state)
+
+    def add_time(self, seconds: float, compute_units: int) -> None:
+        self.train_seconds += seconds
+        self.cpu_seconds += seconds * compute_units
 
 
 class StopRequest:
@@ -376,6 +384,19 @@ def save_training_state(accelerator: Accelerator, state_dir: Path, progress: Tra
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def resume_with_other_process_count(progress: TrainingProgress, schedule: LRSchedule, saved: int, now: int) -> None:
+    """Continues a state saved by `saved` processes with `now` processes: same weights, optimizer state,
+    epoch, position in the epoch and learning rate; not bit-exact (other random draws).
+
+    One optimizer step takes one batch per process, so the schedule's position (in steps) scales by
+    saved / now. Chunks are dealt to the processes in turn (chunk k of an epoch goes to process
+    k % processes), so the chunks done per process scale by saved / now too.
+    """
+    schedule.steps = round(schedule.steps * saved / now)
+    schedule._apply()
+    progress.chunks_in_epoch = progress.chunks_in_epoch * saved // now
 
 
 def is_better(record: dict, best: dict, min_improvement: float) -> bool:
@@ -590,16 +611,27 @@ def main(argv=None) -> None:
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(schedule, progress)
 
+    compute_units = accelerator.num_processes * (1 if accelerator.device.type == "cuda" else torch.get_num_threads())
     if args.resume:
         states = state_folders(state_dir)
         if states:
+            # Every process saves its random state: their number is the saving run's process count.
+            saved_processes = len(list(states[-1].glob("random_states_*.pkl"))) or accelerator.num_processes
             accelerator.load_state(str(states[-1]))
+            if progress.cpu_seconds is None:  # saved before cpu_seconds was counted: one process count throughout
+                progress.cpu_seconds = progress.train_seconds * saved_processes * compute_units / accelerator.num_processes
             legacy = vars(progress).pop("legacy_batches_in_epoch", None)
             if legacy is not None:
                 progress.chunks_in_epoch = math.ceil(legacy / config["batches_per_chunk"])
                 accelerator.print(
                     f"state saved by an older train.py ({legacy} batches into epoch {progress.epoch}): the rest "
                     f"of this epoch continues in the new chunk order, from chunk {progress.chunks_in_epoch}"
+                )
+            if saved_processes != accelerator.num_processes:
+                resume_with_other_process_count(progress, schedule, saved_processes, accelerator.num_processes)
+                accelerator.print(
+                    f"the state was saved by {saved_processes} process(es), resumed by {accelerator.num_processes}: "
+                    "same weights, optimizer, epoch and learning rate, not a bit-exact continuation"
                 )
             accelerator.print(
                 f"resumed from {states[-1]}: epoch {progress.epoch}, step {progress.global_step}, "
@@ -622,8 +654,10 @@ def main(argv=None) -> None:
     def heldout_evaluation(epoch_value: float) -> dict:
         sync_buffers(accelerator, model)
         figures = evaluate_heldout(accelerator, model, processor, heldout_images, heldout_references, config)
-        minutes = (progress.train_seconds + time.time() - segment_start) / 60
-        record = {"epoch": epoch_value, "step": progress.global_step, "minutes": minutes, **figures}
+        elapsed = time.time() - segment_start
+        record = {"epoch": epoch_value, "step": progress.global_step,
+                  "minutes": (progress.train_seconds + elapsed) / 60,
+                  "cpu_hours": (progress.cpu_seconds + elapsed * compute_units) / 3600, **figures}
         progress.evals.append(record)
         accelerator.log({f"heldout/{k}": v for k, v in figures.items()}, step=progress.global_step)
         accelerator.print(
@@ -656,7 +690,8 @@ def main(argv=None) -> None:
         (folder / TRAINING_LOG).write_text(
             json.dumps({"config": config, "evals": progress.evals, "best": progress.best,
                         "epochs": progress.epoch, "steps": progress.global_step,
-                        "hours": progress.train_seconds / 3600, "hardware": hardware,
+                        "hours": progress.train_seconds / 3600, "cpu_hours": progress.cpu_seconds / 3600,
+                        "hardware": hardware,
                         "num_processes": accelerator.num_processes, "n_parameters": n_parameters,
                         "n_train": len(train_idx), "n_heldout": len(heldout_idx),
                         "commands": progress.commands}, indent=2) + "\n"
@@ -750,7 +785,7 @@ def main(argv=None) -> None:
             if stop:
                 break
             if save_now:
-                progress.train_seconds += time.time() - segment_start
+                progress.add_time(time.time() - segment_start, compute_units)
                 segment_start = time.time()
                 save_training_state(accelerator, state_dir, progress, config["keep_states"])
                 last_save, last_save_step = time.time(), progress.global_step
@@ -760,7 +795,7 @@ def main(argv=None) -> None:
         progress.epoch += 1
         progress.chunks_in_epoch = 0
         finish_epoch_evaluation(progress.epoch)
-        progress.train_seconds += time.time() - segment_start
+        progress.add_time(time.time() - segment_start, compute_units)
         segment_start = time.time()
         save_training_state(accelerator, state_dir, progress, config["keep_states"])
         last_save, last_save_step = time.time(), progress.global_step
@@ -768,7 +803,7 @@ def main(argv=None) -> None:
     # ---- clean end: evaluate a partial epoch, save state, best and last model, reports
     if stop and progress.chunks_in_epoch and progress.global_step > first_step:
         finish_epoch_evaluation(progress.epoch + progress.chunks_in_epoch / max(len(train_loader), 1))
-    progress.train_seconds += time.time() - segment_start
+    progress.add_time(time.time() - segment_start, compute_units)
     segment_start = time.time()
     if stop:
         save_training_state(accelerator, state_dir, progress, config["keep_states"])
