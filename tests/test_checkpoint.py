@@ -50,3 +50,21 @@ def test_prediction_cli_uses_it_by_default(capsys):
     assert predict.main([str(EXAMPLES[0])]) == 0
     name, latex = capsys.readouterr().out.splitlines()[0].split("\t")
     assert name == str(EXAMPLES[0]) and latex.strip()
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_decoding_reads_each_image_as_alone(shipped, num_beams):
+    """Rows that finish early leave the batch: the others must read on exactly as if decoded alone."""
+    model, processor = shipped
+    images = [Image.open(p) for p in EXAMPLES]
+    kwargs = dict(num_beams=num_beams, max_new_tokens=60, return_dict_in_generate=True, output_attentions=True)
+    with torch.inference_mode():
+        batched = model.generate(**processor(images=images, return_tensors="pt"), **kwargs)
+        alone = [model.generate(**processor(images=image, return_tensors="pt"), **kwargs) for image in images]
+    lengths = [int((out.sequences[0] != model.config.pad_token_id).sum()) for out in alone]
+    assert len(set(lengths)) > 1, "the examples end at different steps, so some rows finish early"
+    for i, out in enumerate(alone):
+        assert batched.sequences[i, : lengths[i]].tolist() == out.sequences[0, : lengths[i]].tolist()
+        assert (batched.sequences[i, lengths[i]:] == model.config.pad_token_id).all()
+        assert torch.allclose(batched.sequences_scores[i], out.sequences_scores[0], atol=1e-4)
+        assert torch.allclose(batched.attentions[i], out.attentions[0], atol=1e-4)
