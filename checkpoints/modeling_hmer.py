@@ -902,26 +902,39 @@ class HMERForConditionalGeneration(HMERPreTrainedModel, GenerationMixin):
         return logp
 
     def _greedy_search(self, static, starts, output_attentions, max_new_tokens, min_new_tokens) -> dict:
-        """(N,) start tokens -> tokens (N, S) padded after eos, token_scores (N, S), lengths (N,), attentions."""
+        """(N,) start tokens -> tokens (N, S) padded after eos, token_scores (N, S), lengths (N,), attentions.
+
+        A row that emitted eos leaves the batch, so the steps after it cost only the rows still decoding.
+        """
         eos, pad = self.config.eos_token_id, self.config.pad_token_id
+        rows = starts.shape[0]
         state = self.decoder.init_state(static)
         tokens = starts
-        finished = torch.zeros_like(starts, dtype=torch.bool)
-        out_tokens, out_scores, out_attn = [], [], []
+        alive = torch.arange(rows, device=starts.device)  # the batch rows still decoding
+        out_tokens = starts.new_full((rows, max_new_tokens), pad)
+        out_scores = torch.zeros(rows, max_new_tokens, device=starts.device)
+        out_attn = None
         for t in range(max_new_tokens):
             logits, attn, state = self.decoder.step(tokens, static, state)
             score, tokens = self._next_log_probs(logits, t, min_new_tokens).max(-1)
-            tokens = tokens.masked_fill(finished, pad)
-            out_tokens.append(tokens)
-            out_scores.append(score.masked_fill(finished, 0.0))
+            out_tokens[alive, t] = tokens
+            out_scores[alive, t] = score
             if output_attentions:
-                out_attn.append(attn.float())
-            finished = finished | (tokens == eos)
-            if bool(finished.all()):
+                if out_attn is None:
+                    out_attn = torch.zeros(rows, max_new_tokens, attn.shape[-1], device=attn.device)
+                out_attn[alive, t] = attn.float()
+            steps = t + 1
+            running = tokens != eos
+            if not bool(running.any()):
                 break
-        result = {"tokens": torch.stack(out_tokens, 1), "token_scores": torch.stack(out_scores, 1)}
+            if not bool(running.all()):
+                keep = running.nonzero().squeeze(1)
+                alive, tokens = alive[keep], tokens[keep]
+                state = self.decoder.reorder_state(state, keep)
+                static = _index_batch(static, keep)
+        result = {"tokens": out_tokens[:, :steps], "token_scores": out_scores[:, :steps]}
         result["lengths"] = (result["tokens"] != pad).sum(1)
-        result["attentions"] = torch.stack(out_attn, 1) if output_attentions else None
+        result["attentions"] = out_attn[:, :steps] if output_attentions else None
         return result
 
     def _beam_search(self, static, starts, num_beams, output_attentions, max_new_tokens, min_new_tokens) -> dict:
@@ -929,22 +942,25 @@ class HMERForConditionalGeneration(HMERPreTrainedModel, GenerationMixin):
         Batched beam search over G groups (images, or image x direction) with K = num_beams.
 
         A beam that emitted eos stays in the beam with its score frozen (it can only be extended by pad at no
-        cost), so all G * K rows advance together with no per-group bookkeeping; the search stops when every
-        row has finished. Returns tokens (G*K, S), token_scores (G*K, S), total log-prob sums `sums` (G*K,),
-        lengths (G*K,) and attentions (G*K, S, L) or None, rows of a group in beam order.
+        cost), so all K rows of a group advance together with no per-group bookkeeping; a group whose K rows
+        have all finished leaves the batch, and the search stops when no group is left. Returns tokens
+        (G*K, S), token_scores (G*K, S), total log-prob sums `sums` (G*K,), lengths (G*K,) and attentions
+        (G*K, S, L) or None, rows of a group in beam order.
         """
         eos, pad = self.config.eos_token_id, self.config.pad_token_id
         groups, k = starts.shape[0], num_beams
         rows = groups * k
+        device = starts.device
         state = self.decoder.init_state(static, num_beams=k)  # beams share the per-image tensors
         tokens = starts.repeat_interleave(k)
-        sums = torch.zeros(groups, k, device=starts.device)
+        sums = torch.zeros(groups, k, device=device)
         sums[:, 1:] = float("-inf")  # all beams start identical: keep one
         sums = sums.view(rows)
-        finished = torch.zeros(rows, dtype=torch.bool, device=starts.device)
-        offsets = (torch.arange(groups, device=starts.device) * k).unsqueeze(1)
+        final_sums = sums.clone()
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        alive = torch.arange(rows, device=device)  # batch rows (global ids) of the groups still searching
         frozen = None
-        history = []  # per step: tokens, token log-probs, parent rows, attentions of the parents
+        history = []  # per step, over all G*K rows: tokens, token log-probs, parent rows, attentions of the parents
         for t in range(max_new_tokens):
             logits, attn, state = self.decoder.step(tokens, static, state)
             logp = self._next_log_probs(logits, t, min_new_tokens)
@@ -952,19 +968,37 @@ class HMERForConditionalGeneration(HMERPreTrainedModel, GenerationMixin):
                 frozen = torch.full_like(logp[0], float("-inf"))
                 frozen[pad] = 0.0
             logp = torch.where(finished.unsqueeze(1), frozen, logp)
-            vocab = logp.shape[1]
-            candidates = (sums.unsqueeze(1) + logp).view(groups, k * vocab)
+            live_groups, vocab = alive.shape[0] // k, logp.shape[1]
+            candidates = (sums.unsqueeze(1) + logp).view(live_groups, k * vocab)
             top, index = candidates.topk(k, dim=1)
-            parents = (index // vocab + offsets).view(rows)
-            tokens = (index % vocab).view(rows)
-            history.append((tokens, logp[parents, tokens], parents, attn.float() if output_attentions else None))
+            offsets = (torch.arange(live_groups, device=device) * k).unsqueeze(1)
+            parents = (index // vocab + offsets).view(-1)  # local rows
+            tokens = (index % vocab).view(-1)
+            # every row of the full batch gets an entry; rows of finished groups keep padding from themselves
+            step_tokens = torch.full((rows,), pad, dtype=tokens.dtype, device=device)
+            step_scores = torch.zeros(rows, device=device)
+            step_parents = torch.arange(rows, device=device)
+            step_tokens[alive], step_scores[alive], step_parents[alive] = tokens, logp[parents, tokens], alive[parents]
+            step_attn = None
+            if output_attentions:
+                step_attn = torch.zeros(rows, attn.shape[-1], device=device)
+                step_attn[alive] = attn.float()
+            history.append((step_tokens, step_scores, step_parents, step_attn))
             state = self.decoder.reorder_state(state, parents)
             finished = finished.index_select(0, parents) | (tokens == eos)
-            sums = top.view(rows)
-            if bool(finished.all()):
+            sums = top.view(-1)
+            final_sums[alive] = sums
+            searching = ~finished.view(live_groups, k).all(1)  # groups with a beam still running
+            if not bool(searching.any()):
                 break
+            if not bool(searching.all()):
+                keep_groups = searching.nonzero().squeeze(1)
+                keep = (keep_groups.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+                alive, tokens, sums, finished = alive[keep], tokens[keep], sums[keep], finished[keep]
+                state = self.decoder.reorder_state(state, keep)
+                static = _index_batch(static, keep_groups)
         # follow the parent pointers back from the final rows
-        row = torch.arange(rows, device=starts.device)
+        row = torch.arange(rows, device=device)
         out_tokens, out_scores, out_attn = [], [], []
         for step_tokens, step_scores, parents, step_attn in reversed(history):
             out_tokens.append(step_tokens[row])
@@ -975,7 +1009,7 @@ class HMERForConditionalGeneration(HMERPreTrainedModel, GenerationMixin):
         result = {
             "tokens": torch.stack(out_tokens[::-1], 1),
             "token_scores": torch.stack(out_scores[::-1], 1),
-            "sums": sums,
+            "sums": final_sums,
         }
         result["lengths"] = (result["tokens"] != pad).sum(1)
         result["attentions"] = torch.stack(out_attn[::-1], 1) if output_attentions else None

@@ -142,10 +142,15 @@ def _test_section(tests: dict, folder_hint: str) -> str:
             bars = ", ".join(f"{name} {value}%" for name, value in references.items())
             lines.append(f"For comparison on {SPLIT_NAMES[split]}: {bars}.")
     settings = next(iter(tests.values()))["settings"]
+    flags = [f"--num_beams {settings.get('num_beams')}", f"--batch_size {settings.get('batch_size')}"]
+    flags += [f"--max_new_tokens {settings['max_new_tokens']}"] if settings.get("max_new_tokens") else []
+    flags += [flag for key, flag in (("bf16", "--bf16"), ("channels_last", "--channels_last")) if settings.get(key)]
+    flags += [f"--num_threads {settings['num_threads']}"] if settings.get("num_threads") else []
+    command = (f"python -m train.evaluate_model --model {folder_hint} --data_dir ../shared/crohme "
+               f"--split {next(iter(tests))} {' '.join(flags)} --update_card")
     lines.append(
         f"Measured with `train/evaluate_model.py` ({'bfloat16' if settings.get('bf16') else 'float32'}, "
-        f"{settings.get('num_threads') or 'default'} CPU thread(s), batch {settings.get('batch_size')}, "
-        f"max_new_tokens {settings.get('max_new_tokens')}); reproduce with\n\n```\n{command}\n```\n"
+        f"{settings.get('num_threads') or 'default'} CPU thread(s)); reproduce with\n\n```\n{command}\n```\n"
     )
     return "\n".join(lines)
 
