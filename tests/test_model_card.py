@@ -51,6 +51,18 @@ def test_cpu_hours_count_processes_and_threads():
     assert model_card.cpu_hours(gpu, 60) == pytest.approx(1.0)
 
 
+def test_uncounted_evaluations_take_the_rate_of_the_first_counted_one():
+    # Started on 1 process (the first two records predate CPU-hour counting), resumed on 2: the log's
+    # num_processes is 2, but the early records must not be doubled.
+    evals = [_eval(1, 60, 0.1, 0.9), _eval(2, 120, 0.2, 0.8),
+             {**_eval(3, 180, 0.3, 0.7), "cpu_hours": 3.0}, {**_eval(4, 210, 0.4, 0.6), "cpu_hours": 4.0}]
+    log = {"num_processes": 2, "hardware": "2 process(es) on CPU (x, 2 cores)", "config": {"num_threads": 1},
+           "evals": evals}
+    assert [model_card.eval_cpu_hours(log, e) for e in evals] == pytest.approx([1.0, 2.0, 3.0, 4.0])
+    never_counted = {**log, "evals": evals[:2]}  # older logs: the log's own setting
+    assert model_card.eval_cpu_hours(never_counted, evals[0]) == pytest.approx(2.0)
+
+
 def test_card_shows_training_then_test_results_in_text_and_metadata(tiny_model_dir, tmp_path):
     folder = _write_run(tmp_path / "gru", "gru", "gru", 1,
                         [_eval(1, 50, 0.004, 0.96), _eval(2, 100, 0.123, 0.40)], source=tiny_model_dir)

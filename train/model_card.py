@@ -66,8 +66,18 @@ def count_parameters(folder: Path) -> Optional[int]:
 
 
 def eval_cpu_hours(log: dict, record: dict) -> float:
-    """CPU-hours spent when a held-out evaluation was made (train.py records them; older logs: estimated)."""
-    return record["cpu_hours"] if "cpu_hours" in record else cpu_hours(log, record["minutes"])
+    """CPU-hours spent when a held-out evaluation was made (train.py records them; older records: estimated).
+
+    Records written before CPU-hours were counted are estimated at the rate of the first record that has
+    them: a run was never resumed with another process count before counting began, while the log's own
+    `num_processes` is that of the latest segment (a 1-process start resumed on 2 would double them).
+    """
+    if "cpu_hours" in record:
+        return record["cpu_hours"]
+    counted = next((e for e in log.get("evals", []) if "cpu_hours" in e and e.get("minutes")), None)
+    if counted is not None:
+        return record["minutes"] * counted["cpu_hours"] / counted["minutes"]
+    return cpu_hours(log, record["minutes"])
 
 
 def cpu_hours(log: dict, minutes: float) -> float:
