@@ -61,6 +61,9 @@ def test_uncounted_evaluations_take_the_rate_of_the_first_counted_one():
     assert [model_card.eval_cpu_hours(log, e) for e in evals] == pytest.approx([1.0, 2.0, 3.0, 4.0])
     never_counted = {**log, "evals": evals[:2]}  # older logs: the log's own setting
     assert model_card.eval_cpu_hours(never_counted, evals[0]) == pytest.approx(2.0)
+    # 3.0 CPU-hours in 3 wall hours, then 1.0 in the last 0.5 h: the process count changed
+    assert model_card.changed_process_count({**log, "hours": 3.5, "cpu_hours": 4.0})
+    assert not model_card.changed_process_count({**log, "hours": 3.5, "cpu_hours": 3.5})
 
 
 def test_card_shows_training_then_test_results_in_text_and_metadata(tiny_model_dir, tmp_path):

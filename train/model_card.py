@@ -80,6 +80,16 @@ def eval_cpu_hours(log: dict, record: dict) -> float:
     return cpu_hours(log, record["minutes"])
 
 
+def changed_process_count(log: dict) -> bool:
+    """Whether the run was resumed with another number of processes: CPU-hours per wall hour differ
+    between the first evaluation that counted them and the whole run (both exact when counted)."""
+    counted = next((e for e in log.get("evals", []) if "cpu_hours" in e and e.get("minutes")), None)
+    if counted is None or not log.get("hours") or "cpu_hours" not in log:
+        return False
+    first_rate = counted["cpu_hours"] / (counted["minutes"] / 60)
+    return abs(log["cpu_hours"] / log["hours"] - first_rate) > 0.05 * first_rate
+
+
 def cpu_hours(log: dict, minutes: float) -> float:
     """Processor time of `minutes` of training at the log's setting: wall time x processes x torch threads.
 
@@ -215,6 +225,12 @@ def render_model_card(folder: Path) -> ModelCard:
         f"--data_dir ../shared/crohme --output_dir OUTPUT_DIR"
     )
     hours = log.get("hours", 0.0)
+    segments_note = (
+        "\nThis run was resumed with another number of processes at least once (`--resume` keeps the weights,\n"
+        "optimizer state, epoch position and learning rate, but batches then differ): the command above, with\n"
+        "one process count throughout, gives a comparable model, not the identical one."
+        if changed_process_count(log) else ""
+    )
     name = config["run_name"]
     body = f"""
 # HMER model `{name}`
@@ -267,7 +283,7 @@ or `python -m modeling_hmer.predict expression.png`.
 ```
 
 A run stopped by `--max_minutes` continues with the same command plus `--resume` (and the same
-`--state_dir`); a run done in several segments equals one uninterrupted run.
+`--state_dir`); a run done in several segments with one process count equals one uninterrupted run.{segments_note}
 
 ## Limits
 
