@@ -65,6 +65,11 @@ def count_parameters(folder: Path) -> Optional[int]:
     return total
 
 
+def _first_counted_eval(log: dict) -> Optional[dict]:
+    """The first held-out evaluation that recorded its CPU-hours (train.py records them since it counts CPU-hours)."""
+    return next((e for e in log.get("evals", []) if "cpu_hours" in e and e.get("minutes")), None)
+
+
 def eval_cpu_hours(log: dict, record: dict) -> float:
     """CPU-hours spent when a held-out evaluation was made (train.py records them; older records: estimated).
 
@@ -74,7 +79,7 @@ def eval_cpu_hours(log: dict, record: dict) -> float:
     """
     if "cpu_hours" in record:
         return record["cpu_hours"]
-    counted = next((e for e in log.get("evals", []) if "cpu_hours" in e and e.get("minutes")), None)
+    counted = _first_counted_eval(log)
     if counted is not None:
         return record["minutes"] * counted["cpu_hours"] / counted["minutes"]
     return cpu_hours(log, record["minutes"])
@@ -83,7 +88,7 @@ def eval_cpu_hours(log: dict, record: dict) -> float:
 def changed_process_count(log: dict) -> bool:
     """Whether the run was resumed with another number of processes: CPU-hours per wall hour differ
     between the first evaluation that counted them and the whole run (both exact when counted)."""
-    counted = next((e for e in log.get("evals", []) if "cpu_hours" in e and e.get("minutes")), None)
+    counted = _first_counted_eval(log)
     if counted is None or not log.get("hours") or "cpu_hours" not in log:
         return False
     first_rate = counted["cpu_hours"] / (counted["minutes"] / 60)
