@@ -415,6 +415,27 @@ def test_saved_model_loads_and_the_evaluation_cli_scores_it(two_process_run, tin
     rows = (tmp_path / "test_2014.predictions.tsv").read_text().splitlines()
     assert rows[0] == "name\treference\tprediction\tdistance" and len(rows) == 1 + figures["n_scored"]
 
+    # --split heldout scores the slice train.py selected the model on, with train.py's own figures
+    # (same greedy settings as the smoke config's evaluation).
+    log = json.loads((model_dir / "training_log.json").read_text())
+    heldout_json = tmp_path / "heldout.json"
+    _run([sys.executable, "-m", "train.evaluate_model", "--model", str(model_dir), "--data_dir", str(tiny_crohme),
+          "--split", "heldout", "--heldout_size", "16", "--num_beams", "1", "--batch_size", "16",
+          "--max_new_tokens", "16", "--bf16", "--channels_last", "--num_threads", "1",
+          "--cache_dir", str(two_process_run.parent / "datasets_cache"), "--output_json", str(heldout_json)])
+    heldout = json.loads(heldout_json.read_text())
+    assert heldout["n_scored"] == 16 and heldout["n_skipped"] == 0
+    for key in ("exprate", "le1", "ser"):
+        assert heldout[key] == pytest.approx(log["best"][key]), key
+    names = [line.split("\t")[0] for line in (tmp_path / "heldout.predictions.tsv").read_text().splitlines()[1:]]
+    from data_scripts.crohme import load_crohme
+
+    train_names = list(load_crohme(tiny_crohme, "train", cache_dir=two_process_run.parent / "datasets_cache")["name"])
+    assert sorted(names) == sorted(train_names[i] for i in heldout_split(train_names, 16)[1])
+    with pytest.raises(AssertionError, match="held-out figures in the card come from training"):
+        _run([sys.executable, "-m", "train.evaluate_model", "--model", str(model_dir), "--data_dir", str(tiny_crohme),
+              "--split", "heldout", "--update_card"])
+
     # --update_card scores the whole split into a copy of the folder's card (test_results.json + README.md).
     card_dir = tmp_path / "model"
     shutil.copytree(model_dir, card_dir)

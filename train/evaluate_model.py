@@ -5,7 +5,9 @@
 
 Images are the split's standard renders (the dataset's "image" column) fed through the model's own
 `HMERProcessor`, exactly as a user's image would be; an image the processor rejects (blank, say)
-is skipped and counted. Prints a table; with --output_json writes the figures as JSON and the
+is skipped and counted. `--split heldout` scores the training set's held-out slice (the one
+train/train.py selects checkpoints on: `--heldout_size` names by hash), so saved models can be
+compared without touching a test set. Prints a table; with --output_json writes the figures as JSON and the
 predictions as a TSV next to it (name, reference, prediction, token edit distance); with
 --update_card adds them to the model folder's card (see train/model_card.py).
 """
@@ -27,7 +29,10 @@ import torch
 if __package__ in (None, ""):  # run as a file: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.data import as_uint8_image, size_grouped_batches  # noqa: E402
+from train.data import as_uint8_image, heldout_split, size_grouped_batches  # noqa: E402
+
+
+HELDOUT = "heldout"
 
 
 def load_metric():
@@ -183,6 +188,17 @@ def load_model_and_processor(model_id: str, device: str = "cpu"):
     return model, processor
 
 
+def load_split(data_dir, split: str, cache_dir: Optional[str] = None, heldout_size: int = 500):
+    """A CROHME split as a `datasets.Dataset`; "heldout" is the training set's held-out slice."""
+    from data_scripts.crohme import load_crohme
+
+    if split != HELDOUT:
+        return load_crohme(data_dir, split, cache_dir=cache_dir)
+    train = load_crohme(data_dir, "train", cache_dir=cache_dir)
+    _, heldout_indices = heldout_split(list(train["name"]), heldout_size)
+    return train.select(heldout_indices)
+
+
 def predictions_path(output_json: Path) -> Path:
     return output_json.with_name(output_json.stem + ".predictions.tsv")
 
@@ -200,7 +216,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="saved model folder or Hub repo id")
     parser.add_argument("--data_dir", required=True, help="CROHME folder (archives or extracted folders)")
-    parser.add_argument("--split", default="test_2014", help="train, test_2014 or test_2016 (default test_2014)")
+    parser.add_argument("--split", default="test_2014",
+                        help="train, test_2014, test_2016 or heldout (the training set's model-selection slice; default test_2014)")
+    parser.add_argument("--heldout_size", type=int, default=500,
+                        help="size of the held-out slice for --split heldout (train/train.py's heldout_size, default 500)")
     parser.add_argument("--num_beams", type=int, default=None, help="beam size (default: the model's generation config)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first K expressions")
     parser.add_argument("--batch_size", type=int, default=8, help="images per batch (default 8)")
@@ -220,16 +239,16 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.update_card and args.limit is not None:
         raise SystemExit("--update_card scores the whole split: drop --limit")
+    if args.update_card and args.split == HELDOUT:
+        raise SystemExit("--update_card records test-set figures; the held-out figures in the card come from training")
     if args.update_card and not (Path(args.model) / "training_log.json").exists():
         raise SystemExit(f"--update_card needs a model folder written by train/train.py; {args.model} is not one")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    from data_scripts.crohme import load_crohme
-
     model, processor = load_model_and_processor(args.model, args.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    dataset = load_crohme(args.data_dir, args.split, cache_dir=args.cache_dir)
+    dataset = load_split(args.data_dir, args.split, cache_dir=args.cache_dir, heldout_size=args.heldout_size)
     num_beams = args.num_beams
     if num_beams is None:
         num_beams = getattr(getattr(model, "generation_config", None), "num_beams", None) or 1
