@@ -395,6 +395,36 @@ def test_total_budget_and_sigterm_stop_with_an_evaluation_and_a_clean_save(tiny_
 
 
 @pytest.mark.slow
+def test_ctrl_c_on_a_two_process_launch_saves_the_state_before_the_last_evaluation(tiny_crohme, tmp_path_factory):
+    """Ctrl+C reaches `accelerate launch`, which forwards it to its workers and kills them 30 s later:
+    they stop at the chunk boundary and save the state first, then evaluate the partial epoch."""
+    run_dir = tmp_path_factory.mktemp("ctrl_c") / "run"
+    process = subprocess.Popen(_train_command(2, tiny_crohme, run_dir, "--num_epochs", "50"), cwd=REPO_ROOT,
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if "epoch 2 step" in line:  # an epoch evaluated: training is under way in both processes
+            break
+    time.sleep(2)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl+C does
+    output.append(process.communicate(timeout=240)[0])
+    text = "".join(output)
+    assert "SIGINT: stopping after this chunk" in text, text[-3000:]
+    stopped = _summary(run_dir)  # written by the workers' clean end (the launcher itself exits non-zero)
+    step = stopped["global_step"]
+    saved = text.index(f"state saved at step {step}")
+    partial_eval = text.index(f"step {step}: held-out ExpRate")
+    assert saved < partial_eval, "the state is saved before the partial epoch's evaluation"
+    assert (run_dir / "state" / f"step_{step:09d}").is_dir()
+    assert not list((run_dir / "state").glob("step_*.old")) and not list((run_dir / "state").glob("step_*.tmp"))
+    log = json.loads((run_dir / "model" / "training_log.json").read_text())
+    assert log["evals"][-1]["step"] == step and 2 < log["evals"][-1]["epoch"] <= 3
+    assert stopped["weights_sha256_per_process"][0] == stopped["weights_sha256_per_process"][1]
+
+
+@pytest.mark.slow
 def test_saved_model_loads_and_the_evaluation_cli_scores_it(two_process_run, tiny_crohme, tmp_path):
     from modeling_hmer import HMERForConditionalGeneration
 

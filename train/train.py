@@ -307,6 +307,8 @@ class StopRequest:
 
     The run then ends as if its time budget were spent: held-out evaluation, state saved, `--resume`
     continues from there. A second signal stops at once (the last saved state is kept).
+    Under `accelerate launch` the signal goes to the launcher, which forwards it to every process
+    and kills them 30 s later: the state is therefore saved before the final evaluation.
     """
 
     def __init__(self):
@@ -363,7 +365,7 @@ def state_folders(state_dir: Path) -> list[Path]:
     """Complete saved states, oldest first (a folder is renamed to step_* only once fully written)."""
     if not state_dir.is_dir():
         return []
-    return sorted(p for p in state_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return sorted(p for p in state_dir.glob("step_*") if p.is_dir() and not p.name.endswith((".tmp", ".old")))
 
 
 def save_training_state(accelerator: Accelerator, state_dir: Path, progress: TrainingProgress, keep: int) -> Path:
@@ -378,8 +380,14 @@ def save_training_state(accelerator: Accelerator, state_dir: Path, progress: Tra
     accelerator.save_state(str(tmp), safe_serialization=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        if final.exists():  # saved again at the same step: swap, so a complete state exists at every moment
+            replaced = final.with_name(final.name + ".old")
+            shutil.rmtree(replaced, ignore_errors=True)
+            final.rename(replaced)
+            tmp.rename(final)
+            shutil.rmtree(replaced)
+        else:
+            tmp.rename(final)
         for old in state_folders(state_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -800,13 +808,21 @@ def main(argv=None) -> None:
         save_training_state(accelerator, state_dir, progress, config["keep_states"])
         last_save, last_save_step = time.time(), progress.global_step
 
-    # ---- clean end: evaluate a partial epoch, save state, best and last model, reports
-    if stop and progress.chunks_in_epoch and progress.global_step > first_step:
-        finish_epoch_evaluation(progress.epoch + progress.chunks_in_epoch / max(len(train_loader), 1))
+    # ---- clean end: save state, evaluate a partial epoch (and save again), best and last model, reports
+    if stop:
+        # State first: `accelerate launch` forwards Ctrl+C / SIGTERM to its workers and kills them 30 s
+        # later, which a held-out evaluation can outlast; the training done is then already saved.
+        progress.add_time(time.time() - segment_start, compute_units)
+        segment_start = time.time()
+        save_training_state(accelerator, state_dir, progress, config["keep_states"])
+        accelerator.print(f"state saved at step {progress.global_step}")
+        if progress.chunks_in_epoch and progress.global_step > first_step:
+            finish_epoch_evaluation(progress.epoch + progress.chunks_in_epoch / max(len(train_loader), 1))
+            progress.add_time(time.time() - segment_start, compute_units)
+            segment_start = time.time()
+            save_training_state(accelerator, state_dir, progress, config["keep_states"])  # with the evaluation
     progress.add_time(time.time() - segment_start, compute_units)
     segment_start = time.time()
-    if stop:
-        save_training_state(accelerator, state_dir, progress, config["keep_states"])
     sync_buffers(accelerator, model)
     save_model(state_dir / "last_model")
     if accelerator.is_main_process and progress.best and (args.output_dir / "config.json").exists():
