@@ -75,6 +75,16 @@ def test_card_shows_training_then_test_results_in_text_and_metadata(tiny_model_d
     assert "Not measured yet for these weights" in card
     assert "accelerate launch train/train.py --config train/configs/gru.yaml" in card
     assert ModelCard.load(folder / "README.md").data.eval_results is None
+    assert "segments ran these commands" not in card  # one command throughout
+
+    # Segments resumed with other options: the card lists each change of command, in order.
+    log = json.loads((folder / model_card.TRAINING_LOG).read_text())
+    first = log["commands"][0]
+    two = first.replace("accelerate launch", "accelerate launch --multi_gpu --num_processes 2")
+    log["commands"] = [first, first, two, two]
+    (folder / model_card.TRAINING_LOG).write_text(json.dumps(log))
+    card = model_card.write_model_card(folder).read_text()
+    assert f"Its 4 segments ran these commands in turn (each one after the first with `--resume`):\n\n```\n{first}\n{two}\n```" in card
 
     figures = {"n_scored": 986, "n_skipped": 0, "exprate": 0.4012, "le1": 0.55, "le2": 0.6, "le3": 0.65,
                "ser": 0.2, "ms_per_image": 150.0}

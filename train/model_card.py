@@ -229,6 +229,13 @@ def render_model_card(folder: Path) -> ModelCard:
         f"accelerate launch train/train.py --config train/configs/{config['run_name']}.yaml "
         f"--data_dir ../shared/crohme --output_dir OUTPUT_DIR"
     )
+    # Each segment records its command (the launcher's process count included): show every change.
+    changes = [c for i, c in enumerate(commands) if i == 0 or c != commands[i - 1]]
+    segment_commands = (
+        f"\n\nIts {len(commands)} segments ran these commands in turn (each one after the first with "
+        "`--resume`):\n\n```\n" + "\n".join(changes) + "\n```"
+        if len(changes) > 1 else ""
+    )
     hours = log.get("hours", 0.0)
     segments_note = (
         "\nThis run was resumed with another number of processes at least once (`--resume` keeps the weights,\n"
@@ -288,7 +295,7 @@ or `python -m modeling_hmer.predict expression.png`.
 ```
 
 A run stopped by `--max_minutes` continues with the same command plus `--resume` (and the same
-`--state_dir`); a run done in several segments with one process count equals one uninterrupted run.{segments_note}
+`--state_dir`); a run done in several segments with one process count equals one uninterrupted run.{segments_note}{segment_commands}
 
 ## Limits
 
