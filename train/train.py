@@ -708,7 +708,7 @@ def main(argv=None) -> None:
         plot_curves(progress, folder / "training_curves.png")
 
     # ---- training loop
-    stop_request = StopRequest()  # Ctrl+C or SIGTERM: finish the chunk, evaluate, save, then stop
+    stop_request = StopRequest()  # Ctrl+C or SIGTERM: finish the chunk, save, evaluate, then stop
     segment_start = time.time()
     if args.init_from and progress.global_step == 0 and not progress.evals:
         # The starting model is the score to beat: output_dir is only overwritten by a better model.
@@ -718,6 +718,15 @@ def main(argv=None) -> None:
             save_model(args.output_dir)
     last_save, last_save_step = time.time(), progress.global_step
     first_step = progress.global_step
+
+    def save_state() -> None:
+        """Counts this segment's time so far into the progress, then saves the state with it."""
+        nonlocal segment_start, last_save, last_save_step
+        progress.add_time(time.time() - segment_start, compute_units)
+        segment_start = time.time()
+        save_training_state(accelerator, state_dir, progress, config["keep_states"])
+        last_save, last_save_step = time.time(), progress.global_step
+
     stop = args.max_total_minutes is not None and progress.train_seconds / 60 >= args.max_total_minutes
     if stop:
         accelerator.print(f"already trained {progress.train_seconds / 60:.1f} minutes in all "
@@ -793,34 +802,24 @@ def main(argv=None) -> None:
             if stop:
                 break
             if save_now:
-                progress.add_time(time.time() - segment_start, compute_units)
-                segment_start = time.time()
-                save_training_state(accelerator, state_dir, progress, config["keep_states"])
-                last_save, last_save_step = time.time(), progress.global_step
+                save_state()
         bar.close()
         if stop:
             break
         progress.epoch += 1
         progress.chunks_in_epoch = 0
         finish_epoch_evaluation(progress.epoch)
-        progress.add_time(time.time() - segment_start, compute_units)
-        segment_start = time.time()
-        save_training_state(accelerator, state_dir, progress, config["keep_states"])
-        last_save, last_save_step = time.time(), progress.global_step
+        save_state()
 
     # ---- clean end: save state, evaluate a partial epoch (and save again), best and last model, reports
     if stop:
         # State first: `accelerate launch` forwards Ctrl+C / SIGTERM to its workers and kills them 30 s
         # later, which a held-out evaluation can outlast; the training done is then already saved.
-        progress.add_time(time.time() - segment_start, compute_units)
-        segment_start = time.time()
-        save_training_state(accelerator, state_dir, progress, config["keep_states"])
+        save_state()
         accelerator.print(f"state saved at step {progress.global_step}")
         if progress.chunks_in_epoch and progress.global_step > first_step:
             finish_epoch_evaluation(progress.epoch + progress.chunks_in_epoch / max(len(train_loader), 1))
-            progress.add_time(time.time() - segment_start, compute_units)
-            segment_start = time.time()
-            save_training_state(accelerator, state_dir, progress, config["keep_states"])  # with the evaluation
+            save_state()  # again, with the evaluation in the log
     progress.add_time(time.time() - segment_start, compute_units)
     segment_start = time.time()
     sync_buffers(accelerator, model)
