@@ -420,7 +420,7 @@ def test_ctrl_c_on_a_two_process_launch_saves_the_state_before_the_last_evaluati
     assert (run_dir / "state" / f"step_{step:09d}").is_dir()
     assert not list((run_dir / "state").glob("step_*.old")) and not list((run_dir / "state").glob("step_*.tmp"))
     log = json.loads((run_dir / "model" / "training_log.json").read_text())
-    assert log["evals"][-1]["step"] == step and 2 < log["evals"][-1]["epoch"] <= 3
+    assert log["evals"][-1]["step"] == step and log["evals"][-1]["epoch"] > 2  # the stop's own evaluation
     assert stopped["weights_sha256_per_process"][0] == stopped["weights_sha256_per_process"][1]
 
 
