@@ -305,7 +305,7 @@ class TrainingProgress:
 class StopRequest:
     """Turns the first SIGINT (Ctrl+C) or SIGTERM into a request to stop at the next chunk boundary.
 
-    The run then ends as if its time budget were spent: held-out evaluation, state saved, `--resume`
+    The run then ends as if its time budget were spent: state saved, held-out evaluation, `--resume`
     continues from there. A second signal stops at once (the last saved state is kept).
     Under `accelerate launch` the signal goes to the launcher, which forwards it to every process
     and kills them 30 s later: the state is therefore saved before the final evaluation.
@@ -821,7 +821,6 @@ def main(argv=None) -> None:
             finish_epoch_evaluation(progress.epoch + progress.chunks_in_epoch / max(len(train_loader), 1))
             save_state()  # again, with the evaluation in the log
     progress.add_time(time.time() - segment_start, compute_units)
-    segment_start = time.time()
     sync_buffers(accelerator, model)
     save_model(state_dir / "last_model")
     if accelerator.is_main_process and progress.best and (args.output_dir / "config.json").exists():
