@@ -224,6 +224,24 @@ def test_configs_build_their_model(name):
     HMERConfig(**config["model"])  # valid model settings
 
 
+def test_init_from_takes_training_only_settings_and_refuses_shape_changes(tiny_model_dir):
+    from train.train import build_model_and_processor
+
+    saved = json.loads((tiny_model_dir / "config.json").read_text())
+    regularized = {"encoder_type": saved["encoder_type"], "dropout": 0.35, "label_smoothing": 0.1,
+                   "encoder_drop_rate": 0.2}
+    model, _ = build_model_and_processor({"model": regularized}, str(tiny_model_dir))
+    assert (model.config.dropout, model.config.label_smoothing, model.config.encoder_drop_rate) == (0.35, 0.1, 0.2)
+    dropouts = {module.p for module in model.modules() if isinstance(module, torch.nn.Dropout)}
+    assert dropouts == {0.35}  # the modules were built with the new rate, not only the config
+    assert model.config.hidden_size == saved["hidden_size"]
+
+    for shape_change in ({"hidden_size": saved["hidden_size"] * 2}, {"decoder_type": "transformer"}):
+        with pytest.raises(ValueError, match="follow from its weights") as error:
+            build_model_and_processor({"model": shape_change}, str(tiny_model_dir))
+        assert next(iter(shape_change)) in str(error.value)
+
+
 def test_predict_images_skips_blank_images(tiny_model_dir):
     from train.evaluate_model import load_model_and_processor, predict_images
 

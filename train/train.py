@@ -327,8 +327,17 @@ class StopRequest:
 # ----------------------------------------------------------------------------- building blocks
 
 
+# Model settings that only act while training: a run that starts from saved weights may change them
+# (a regularized second cycle). Every other model setting is fixed by the saved weights' shapes.
+TRAINING_ONLY_MODEL_KEYS = ("dropout", "encoder_drop_rate", "label_smoothing")
+
+
 def build_model_and_processor(config: dict, init_from: Optional[str]):
-    """A new model from `config["model"]` (or a saved one from `init_from`) and its processor."""
+    """A new model from `config["model"]` (or a saved one from `init_from`) and its processor.
+
+    With `init_from`, the keys of `config["model"]` in `TRAINING_ONLY_MODEL_KEYS` replace the saved
+    values; any other key must agree with the saved model (a clear error instead of a silent ignore).
+    """
     import modeling_hmer  # noqa: F401  (registers the Auto classes)
     from modeling_hmer.configuration_hmer import HMERConfig
     from modeling_hmer.image_processing_hmer import HMERImageProcessor
@@ -337,7 +346,19 @@ def build_model_and_processor(config: dict, init_from: Optional[str]):
     from modeling_hmer.tokenization_hmer import HMERTokenizer
 
     if init_from:
-        model = HMERForConditionalGeneration.from_pretrained(init_from)
+        saved = HMERConfig.from_pretrained(init_from)
+        overrides = {key: value for key, value in config["model"].items() if key in TRAINING_ONLY_MODEL_KEYS}
+        fixed = {key: value for key, value in config["model"].items() if key not in TRAINING_ONLY_MODEL_KEYS}
+        saved_values = saved.to_dict()
+        asked_values = HMERConfig(**{**saved_values, **fixed}).to_dict()
+        clashes = sorted(key for key in asked_values if asked_values[key] != saved_values.get(key))
+        if clashes:
+            details = ", ".join(f"{key}={saved_values.get(key)!r} (asked {asked_values[key]!r})" for key in clashes)
+            raise ValueError(
+                f"--init_from {init_from}: the saved model has {details}; these settings follow from its "
+                f"weights. Only {', '.join(TRAINING_ONLY_MODEL_KEYS)} can change when starting from saved weights."
+            )
+        model = HMERForConditionalGeneration.from_pretrained(init_from, **overrides)
         processor = HMERProcessor.from_pretrained(init_from)
     else:
         model = HMERForConditionalGeneration(HMERConfig(**config["model"]))
