@@ -6,6 +6,8 @@ Splits: ``train`` (TrainINKML, 8,835 usable expressions), ``test_2014`` (TestEM2
 - ``name``: the expression id (file name without ``.inkml``), e.g. ``18_em_0``;
 - ``source``: the training sub-corpus (``HAMEX``, ``KAIST``, ``MathBrush``, ``MfrDB``,
   ``expressmatch``, ``extension``), or ``2014`` / ``2016`` for the test sets;
+- ``writer``: the file's writer annotation (``""`` where there is none: all of MathBrush, 5 other
+  training files, and the offline layout); the test sets' writers never write in the training set;
 - ``latex``: the raw truth as written in the file (without ``$...$``);
 - ``tokens``: ``modeling_hmer.latex.normalize(latex)``, the canonical training target;
 - ``image``: the standard offline render (`data_scripts.render.render_strokes`, PNG, white ink
@@ -95,6 +97,7 @@ FEATURES = datasets.Features(
     {
         "name": datasets.Value("string"),
         "source": datasets.Value("string"),
+        "writer": datasets.Value("string"),
         "latex": datasets.Value("string"),
         "tokens": datasets.List(datasets.Value("string")),
         "image": datasets.Image(),
@@ -192,7 +195,7 @@ class Crohme(datasets.GeneratorBasedBuilder):
         return datasets.DatasetInfo(
             description=(
                 "CROHME handwritten mathematical expressions read from the InkML of the CROHME 2016 "
-                "package: raw LaTeX truth, normalized tokens, the standard offline render and the strokes."
+                "package: writer, raw LaTeX truth, normalized tokens, the standard offline render and the strokes."
             ),
             features=FEATURES,
             citation=_CITATION,
@@ -262,6 +265,7 @@ class Crohme(datasets.GeneratorBasedBuilder):
             yield path, {
                 "name": name,
                 "source": expression_source,
+                "writer": expression.writer,
                 "latex": expression.latex,
                 "tokens": normalize(expression.latex),
                 "image": {"bytes": encode_png(image), "path": None},
@@ -385,6 +389,7 @@ def _iter_offline(folder: str, caption_file: str, stamp: str = "") -> Iterator[d
         yield {
             "name": name,
             "source": folder_path.name,
+            "writer": "",
             "latex": caption.strip(),
             "tokens": normalize(caption),
             "image": {"bytes": images[name].read_bytes(), "path": images[name].name},

@@ -3,7 +3,8 @@
 The reader is tolerant of every CROHME sub-corpus (see ../shared/crohme/README.md):
 
 * the truth is the root's own ``<annotation type="truth">``; symbol-level trace groups carry
-  annotations of the same type and are ignored;
+  annotations of the same type and are ignored; the root's ``<annotation type="writer">`` names
+  the writer (every CROHME sub-corpus has one except MathBrush);
 * the truth may be wrapped in ``$...$`` (the closing ``$`` is sometimes missing) or bare and
   padded with spaces: :attr:`InkExpression.latex` holds it without the ``$`` and the padding;
 * traces hold 2 or 3 channels (``x y`` or ``x y t``), whatever ``<traceFormat>`` declares (81
@@ -51,12 +52,14 @@ class InkExpression:
         source: sub-corpus (``"HAMEX"``, ``"MfrDB"``, ``"test_2014"``, ...), as the caller names it.
         latex: raw truth as written in the file, without ``$...$`` and surrounding spaces.
         strokes: one float32 array of shape (N, 2) per stroke: x, y in file units, y down.
+        writer: the root's writer annotation, stripped (``""`` when the file has none).
     """
 
     name: str
     source: str
     latex: str
     strokes: list[np.ndarray] = field(default_factory=list)
+    writer: str = ""
 
 
 def _local(tag: str) -> str:
@@ -186,11 +189,14 @@ def read_inkml(data: bytes, name: str, source: str = "") -> InkExpression:
         raise InkMLError("not inkml", name, f"root element <{_local(root.tag)}>")
 
     truth = None
+    writer = ""
     channel_names: list[str] = []
     for child in root:  # only the root's own children: trace groups have truths too
         tag = _local(child.tag)
         if tag == "annotation" and child.get("type") == "truth" and truth is None:
             truth = child.text or ""
+        elif tag == "annotation" and child.get("type") == "writer" and not writer:
+            writer = (child.text or "").strip()
         elif tag == "traceFormat":
             channel_names = [c.get("name", "") for c in child if _local(c.tag) == "channel"]
     if truth is None or not _strip_dollars(truth):
@@ -210,7 +216,7 @@ def read_inkml(data: bytes, name: str, source: str = "") -> InkExpression:
             strokes.append(stroke)
     if not strokes:
         raise InkMLError("no traces", name)
-    return InkExpression(name=name, source=source, latex=_strip_dollars(truth), strokes=strokes)
+    return InkExpression(name=name, source=source, latex=_strip_dollars(truth), strokes=strokes, writer=writer)
 
 
 def iter_inkml_files(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:

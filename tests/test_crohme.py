@@ -23,17 +23,18 @@ SHARED_CROHME = Path(__file__).resolve().parents[2] / "shared" / "crohme"
 ARCHIVES = ["TrainINKML.tar.gz", "TestEM2014GT.tar.gz", "TEST2016_INKML_GT.tar.gz"]
 
 
-def inkml(truth, strokes):
+def inkml(truth, strokes, writer=None):
     traces = "\n".join(
         f'<trace id="{i}">' + ", ".join(f"{x} {y}" for x, y in stroke) + "</trace>" for i, stroke in enumerate(strokes)
     )
+    writer_xml = f'<annotation type="writer"> {writer} </annotation>\n' if writer is not None else ""
     return (
         '<ink xmlns="http://www.w3.org/2003/InkML">\n'
-        f'<annotation type="truth">{truth}</annotation>\n{traces}\n</ink>\n'
+        f'{writer_xml}<annotation type="truth">{truth}</annotation>\n{traces}\n</ink>\n'
     ).encode()
 
 
-X_SQUARED = inkml("$x^2$", [[(0, 10), (10, 30)], [(10, 10), (0, 30)], [(14, 0), (20, 0), (14, 8), (20, 8)]])
+X_SQUARED = inkml("$x^2$", [[(0, 10), (10, 30)], [(10, 10), (0, 30)], [(14, 0), (20, 0), (14, 8), (20, 8)]], "depart007")
 ONE_HALF = inkml(r"\frac 1 2", [[(5, 0), (5, 20)], [(0, 25), (20, 25)], [(0, 30), (10, 30), (0, 50), (12, 50)]])
 FILES = {
     "TrainINKML/HAMEX/b_expr.inkml": X_SQUARED,
@@ -81,6 +82,7 @@ def test_builder_on_small_package(tmp_path, cache_dir, archives):
     assert train.num_rows == 2
     assert train["name"] == ["b_expr", "a_expr"]  # sorted by path: HAMEX/ before MfrDB/
     assert train["source"] == ["HAMEX", "MfrDB"]
+    assert train["writer"] == ["depart007", ""]  # stripped; a file without the annotation gets ""
     assert train["latex"] == ["x^2", r"\frac 1 2"]
     assert train["tokens"] == [["x", "^", "{", "2", "}"], ["\\frac", "{", "1", "}", "{", "2", "}"]]
     row = train[0]
@@ -194,6 +196,14 @@ def test_real_split_counts(real_builder):
     train = real_builder.as_dataset("train")
     assert set(train.unique("source")) == {"HAMEX", "KAIST", "MathBrush", "MfrDB", "expressmatch", "extension"}
     assert len(set(train["name"])) == 8835
+    # Every sub-corpus but MathBrush names its writers; the test sets' writers are all new.
+    unnamed = [source for source, writer in zip(train["source"], train["writer"]) if not writer]
+    assert unnamed.count("MathBrush") == 2989 and len(unnamed) - 2989 <= 5
+    train_writers = set(train["writer"]) - {""}
+    assert len(train_writers) > 300
+    for split in ("test_2014", "test_2016"):
+        test_writers = set(real_builder.as_dataset(split)["writer"])
+        assert "" not in test_writers and not test_writers & train_writers
     assert "MfrDB0104" in set(train["name"])  # the latin-1 file is read
 
 

@@ -27,7 +27,7 @@ def inkml(truth: str | None, traces: list[str], trace_format: str = XY, extra: s
 
 def test_two_channels_integer_coordinates():
     expression = read_inkml(inkml("$x+1$", ["10 20, 11 22, 12 25", "30 40, 31 41"]).encode(), "a", "MfrDB")
-    assert (expression.name, expression.source, expression.latex) == ("a", "MfrDB", "x+1")
+    assert (expression.name, expression.source, expression.latex, expression.writer) == ("a", "MfrDB", "x+1", "w1")
     assert len(expression.strokes) == 2
     assert expression.strokes[0].dtype == np.float32 and expression.strokes[0].shape == (3, 2)
     np.testing.assert_array_equal(expression.strokes[0], [[10, 20], [11, 22], [12, 25]])

@@ -76,6 +76,16 @@ def test_card_shows_training_then_test_results_in_text_and_metadata(tiny_model_d
     assert "accelerate launch train/train.py --config train/configs/gru.yaml" in card
     assert ModelCard.load(folder / "README.md").data.eval_results is None
     assert "segments ran these commands" not in card  # one command throughout
+    assert "500 further training expressions held out (fixed, chosen by a hash of their names)" in card
+
+    # A run that held out whole writers says so.
+    log = json.loads((folder / model_card.TRAINING_LOG).read_text())
+    log["config"]["heldout_by"], log["n_heldout"] = "writer", 497
+    (folder / model_card.TRAINING_LOG).write_text(json.dumps(log))
+    assert "497 further training expressions of whole writers held out" in model_card.write_model_card(folder).read_text()
+    log["config"]["heldout_by"] = "expression"
+    (folder / model_card.TRAINING_LOG).write_text(json.dumps(log))
+    card = model_card.write_model_card(folder).read_text()
 
     # Segments resumed with other options: the card lists each change of command, in order.
     log = json.loads((folder / model_card.TRAINING_LOG).read_text())

@@ -59,6 +59,59 @@ def test_heldout_split_is_fixed_disjoint_and_order_free():
         heldout_split(["a", "a", "b"], 1)
 
 
+def test_heldout_split_by_writer_holds_out_whole_writers():
+    rng = np.random.default_rng(0)
+    groups = [f"w{int(g)}" for g in rng.integers(0, 40, 400)]
+    names = [f"expr_{i}" for i in range(400)]
+    train, heldout = heldout_split(names, 50, groups=groups)
+    assert set(train).isdisjoint(heldout) and set(train) | set(heldout) == set(range(400))
+    assert {groups[i] for i in train}.isdisjoint({groups[i] for i in heldout})  # no writer on both sides
+    assert 40 <= len(heldout) <= 50  # whole groups that fit: at most the size asked for
+    # The same rows in another order: the same writers are held out.
+    order = rng.permutation(400)
+    _, heldout_shuffled = heldout_split([names[i] for i in order], 50, groups=[groups[i] for i in order])
+    assert {names[order[i]] for i in heldout_shuffled} == {names[i] for i in heldout}
+    with pytest.raises(ValueError, match="groups has 3 keys"):
+        heldout_split(names, 50, groups=groups[:3])
+
+
+def test_writer_groups_and_select_heldout_on_a_dataset():
+    import datasets
+
+    from train.data import select_heldout, writer_groups
+
+    names = ["a", "2009210-947-0", "2009210-947-12", "200923-1253-234", "b", "c"]
+    sources = ["HAMEX", "MathBrush", "MathBrush", "MathBrush", "MfrDB", "MfrDB"]
+    writers = ["depart009", "", "", "", "User001", ""]
+    assert writer_groups(names, sources, writers) == [
+        "HAMEX/depart009", "MathBrush/2009210-947", "MathBrush/2009210-947", "MathBrush/200923-1253",
+        "MfrDB/User001", "MfrDB/c"]
+
+    rows = 300
+    dataset = datasets.Dataset.from_dict({
+        "name": [f"e{i}" for i in range(rows)],
+        "source": ["MfrDB"] * rows,
+        "writer": [f"User{i % 30:03d}" for i in range(rows)],  # 30 writers, 10 expressions each
+    })
+    train, heldout = select_heldout(dataset, 45, "writer")
+    assert len(heldout) == 40 and len(train) == rows - 40  # 4 whole writers; a 5th would overshoot
+    assert len({dataset[i]["writer"] for i in heldout}) == 4
+    assert select_heldout(dataset, 45, "expression") == heldout_split(dataset["name"], 45)
+    with pytest.raises(ValueError, match="heldout_by must be one of"):
+        select_heldout(dataset, 45, "source")
+    with pytest.raises(ValueError, match="needs a dataset with a writer column"):
+        select_heldout(dataset.remove_columns("writer"), 45, "writer")
+
+
+def test_evaluation_reads_the_heldout_slice_from_the_training_log(tmp_path):
+    from train.evaluate_model import heldout_settings
+
+    assert heldout_settings(str(tmp_path)) == (500, "expression")  # no log: train.py's defaults
+    (tmp_path / "training_log.json").write_text(json.dumps({"config": {"heldout_size": 300, "heldout_by": "writer"}}))
+    assert heldout_settings(str(tmp_path)) == (300, "writer")
+    assert heldout_settings(str(tmp_path), 20, "expression") == (20, "expression")  # given values win
+
+
 def _random_sizes(n=300, seed=0):
     rng = np.random.default_rng(seed)
     return [(int(h), int(w)) for h, w in zip(rng.integers(40, 200, n), rng.integers(60, 800, n))]
@@ -210,6 +263,9 @@ def test_config_overrides_and_unknown_keys(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(base + ["--learning_rat", "1"])
     assert "unknown option --learning_rat" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(base + ["--heldout_by", "source"])
+    assert "heldout_by must be one of expression, writer" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["smoke", "gru", "transformer", "small"])
@@ -468,11 +524,12 @@ def test_saved_model_loads_and_the_evaluation_cli_scores_it(two_process_run, tin
     log = json.loads((model_dir / "training_log.json").read_text())
     heldout_json = tmp_path / "heldout.json"
     _run([sys.executable, "-m", "train.evaluate_model", "--model", str(model_dir), "--data_dir", str(tiny_crohme),
-          "--split", "heldout", "--heldout_size", "16", "--num_beams", "1", "--batch_size", "16",
+          "--split", "heldout", "--num_beams", "1", "--batch_size", "16",  # slice settings from the training log
           "--max_new_tokens", "16", "--bf16", "--channels_last", "--num_threads", "1",
           "--cache_dir", str(two_process_run.parent / "datasets_cache"), "--output_json", str(heldout_json)])
     heldout = json.loads(heldout_json.read_text())
     assert heldout["n_scored"] == 16 and heldout["n_skipped"] == 0
+    assert (heldout["settings"]["heldout_size"], heldout["settings"]["heldout_by"]) == (16, "expression")
     for key in ("exprate", "le1", "ser"):
         assert heldout[key] == pytest.approx(log["best"][key]), key
     names = [line.split("\t")[0] for line in (tmp_path / "heldout.predictions.tsv").read_text().splitlines()[1:]]

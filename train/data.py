@@ -4,7 +4,8 @@ Everything here is deterministic given (seed, epoch), so a resumed run sees exac
 and augmentations that an uninterrupted run would have seen:
 
 - `heldout_split` picks the model-selection slice of the training set by a salted hash of each
-  expression's name (independent of the training seed, so every run selects on the same slice);
+  expression's name (independent of the training seed, so every run selects on the same slice),
+  or of each writer's key (`writer_groups`): whole writers held out, like the test sets' writers;
 - `HMERTrainDataset` renders each expression from its strokes with random stroke-level
   augmentation drawn from `np.random.default_rng((seed, epoch, index))`, or returns the
   standard render when augmentation is off;
@@ -31,20 +32,81 @@ from torch.utils.data import Dataset, Sampler
 HELDOUT_SALT = "hmer-heldout-v1"
 
 
-def heldout_split(names: Sequence[str], heldout_size: int, salt: str = HELDOUT_SALT) -> tuple[list[int], list[int]]:
+def _salted_hash(salt: str, key: str) -> str:
+    return hashlib.sha1(f"{salt}:{key}".encode()).hexdigest()
+
+
+def heldout_split(
+    names: Sequence[str], heldout_size: int, salt: str = HELDOUT_SALT, groups: Optional[Sequence[str]] = None
+) -> tuple[list[int], list[int]]:
     """Splits dataset row indices into (train, held-out) by a salted hash of each name.
 
     The held-out slice is the `heldout_size` names with the smallest hash: it depends only on the
     names and the salt, never on a seed, a limit or the row order. Both lists come back in hash
     order (a well-mixed order across the CROHME sub-corpora).
+
+    With `groups` (one key per row, e.g. `writer_groups`), whole groups are held out: they are
+    taken in the order of their keys' hashes, skipping any group that would overshoot, until
+    `heldout_size` rows are held out or no group fits (so the slice may be a few rows smaller).
     """
     if heldout_size < 0 or heldout_size >= len(names):
         raise ValueError(f"heldout_size must be in [0, {len(names)}), got {heldout_size}")
     if len(set(names)) != len(names):
         raise ValueError("expression names must be unique to select a held-out slice by name")
-    keys = [hashlib.sha1(f"{salt}:{name}".encode()).hexdigest() for name in names]
+    keys = [_salted_hash(salt, name) for name in names]
     order = sorted(range(len(names)), key=keys.__getitem__)
-    return order[heldout_size:], order[:heldout_size]
+    if groups is None:
+        return order[heldout_size:], order[:heldout_size]
+    if len(groups) != len(names):
+        raise ValueError(f"groups has {len(groups)} keys for {len(names)} names")
+    sizes: dict[str, int] = {}
+    for group in groups:
+        sizes[group] = sizes.get(group, 0) + 1
+    chosen, total = set(), 0
+    for group in sorted(sizes, key=lambda group: _salted_hash(salt, group)):
+        if total + sizes[group] <= heldout_size:
+            chosen.add(group)
+            total += sizes[group]
+        if total == heldout_size:
+            break
+    heldout = [i for i in order if groups[i] in chosen]
+    return [i for i in order if groups[i] not in chosen], heldout
+
+
+def writer_groups(names: Sequence[str], sources: Sequence[str], writers: Sequence[str]) -> list[str]:
+    """One writer key per expression, to hold out whole writers (`heldout_split(groups=...)`).
+
+    The key is ``source/writer`` where the file names its writer (writer ids are only unique
+    within a sub-corpus). MathBrush files name none, but their names start with the recording
+    session (``2009210-947-12`` -> ``2009210-947``; 21 sessions for its ~20 writers), taken as one
+    writer. Any other expression without a writer is a group of its own.
+    """
+    keys = []
+    for name, source, writer in zip(names, sources, writers):
+        if writer:
+            keys.append(f"{source}/{writer}")
+        elif source == "MathBrush" and name.count("-") == 2:
+            keys.append(f"{source}/{name.rsplit('-', 1)[0]}")
+        else:
+            keys.append(f"{source}/{name}")
+    return keys
+
+
+HELDOUT_BY = ("expression", "writer")
+
+
+def select_heldout(dataset, heldout_size: int, heldout_by: str = "expression") -> tuple[list[int], list[int]]:
+    """(train, held-out) row indices of a CROHME training `datasets.Dataset`: `heldout_split` by
+    expression names, or with `heldout_by="writer"` by whole writers (`writer_groups`)."""
+    if heldout_by not in HELDOUT_BY:
+        raise ValueError(f"heldout_by must be one of {', '.join(HELDOUT_BY)}, got {heldout_by!r}")
+    names = list(dataset["name"])
+    if heldout_by == "expression":
+        return heldout_split(names, heldout_size)
+    if "writer" not in dataset.column_names:
+        raise ValueError("heldout_by='writer' needs a dataset with a writer column (data_scripts.crohme builds one)")
+    groups = writer_groups(names, list(dataset["source"]), list(dataset["writer"]))
+    return heldout_split(names, heldout_size, groups=groups)
 
 
 def as_uint8_image(image) -> np.ndarray:

@@ -6,8 +6,8 @@
 Images are the split's standard renders (the dataset's "image" column) fed through the model's own
 `HMERProcessor`, exactly as a user's image would be; an image the processor rejects (blank, say)
 is skipped and counted. `--split heldout` scores the training set's held-out slice (the one
-train/train.py selects checkpoints on: `--heldout_size` names by hash), so saved models can be
-compared without touching a test set. Prints a table; with --output_json writes the figures as JSON and the
+train/train.py selects checkpoints on, by expression or by writer, as the model's training_log.json
+says), so saved models can be compared without touching a test set. Prints a table; with --output_json writes the figures as JSON and the
 predictions as a TSV next to it (name, reference, prediction, token edit distance); with
 --update_card adds them to the model folder's card (see train/model_card.py).
 """
@@ -29,7 +29,8 @@ import torch
 if __package__ in (None, ""):  # run as a file: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.data import as_uint8_image, heldout_split, size_grouped_batches  # noqa: E402
+from train.data import HELDOUT_BY, as_uint8_image, select_heldout, size_grouped_batches  # noqa: E402
+from train.model_card import TRAINING_LOG  # noqa: E402
 
 
 HELDOUT = "heldout"
@@ -188,14 +189,25 @@ def load_model_and_processor(model_id: str, device: str = "cpu"):
     return model, processor
 
 
-def load_split(data_dir, split: str, cache_dir: Optional[str] = None, heldout_size: int = 500):
+def heldout_settings(model_id: str, heldout_size: Optional[int] = None, heldout_by: Optional[str] = None) -> tuple[int, str]:
+    """The held-out slice a saved model was chosen on: the given values, else those in its
+    `training_log.json` (train.py's config), else train.py's defaults (500 expressions)."""
+    log_path = Path(model_id) / TRAINING_LOG
+    config = json.loads(log_path.read_text()).get("config", {}) if log_path.is_file() else {}
+    size = heldout_size if heldout_size is not None else int(config.get("heldout_size", 500))
+    by = heldout_by if heldout_by is not None else config.get("heldout_by", "expression")
+    return size, by
+
+
+def load_split(data_dir, split: str, cache_dir: Optional[str] = None, heldout_size: int = 500,
+               heldout_by: str = "expression"):
     """A CROHME split as a `datasets.Dataset`; "heldout" is the training set's held-out slice."""
     from data_scripts.crohme import load_crohme
 
     if split != HELDOUT:
         return load_crohme(data_dir, split, cache_dir=cache_dir)
     train = load_crohme(data_dir, "train", cache_dir=cache_dir)
-    _, heldout_indices = heldout_split(list(train["name"]), heldout_size)
+    _, heldout_indices = select_heldout(train, heldout_size, heldout_by)
     return train.select(heldout_indices)
 
 
@@ -218,8 +230,10 @@ def parse_args(argv=None):
     parser.add_argument("--data_dir", required=True, help="CROHME folder (archives or extracted folders)")
     parser.add_argument("--split", default="test_2014",
                         help="train, test_2014, test_2016 or heldout (the training set's model-selection slice; default test_2014)")
-    parser.add_argument("--heldout_size", type=int, default=500,
-                        help="size of the held-out slice for --split heldout (train/train.py's heldout_size, default 500)")
+    parser.add_argument("--heldout_size", type=int, default=None,
+                        help="size of the held-out slice for --split heldout (default: the model's training_log.json, else 500)")
+    parser.add_argument("--heldout_by", choices=HELDOUT_BY, default=None,
+                        help="held-out slice by expression or by writer (default: the model's training_log.json, else expression)")
     parser.add_argument("--num_beams", type=int, default=None, help="beam size (default: the model's generation config)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first K expressions")
     parser.add_argument("--batch_size", type=int, default=8, help="images per batch (default 8)")
@@ -241,14 +255,16 @@ def main(argv=None) -> dict:
         raise SystemExit("--update_card scores the whole split: drop --limit")
     if args.update_card and args.split == HELDOUT:
         raise SystemExit("--update_card records test-set figures; the held-out figures in the card come from training")
-    if args.update_card and not (Path(args.model) / "training_log.json").exists():
+    if args.update_card and not (Path(args.model) / TRAINING_LOG).exists():
         raise SystemExit(f"--update_card needs a model folder written by train/train.py; {args.model} is not one")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     model, processor = load_model_and_processor(args.model, args.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    dataset = load_split(args.data_dir, args.split, cache_dir=args.cache_dir, heldout_size=args.heldout_size)
+    heldout_size, heldout_by = heldout_settings(args.model, args.heldout_size, args.heldout_by)
+    dataset = load_split(args.data_dir, args.split, cache_dir=args.cache_dir, heldout_size=heldout_size,
+                         heldout_by=heldout_by)
     num_beams = args.num_beams
     if num_beams is None:
         num_beams = getattr(getattr(model, "generation_config", None), "num_beams", None) or 1
@@ -266,6 +282,8 @@ def main(argv=None) -> dict:
     settings = {"model": args.model, "split": args.split, "num_beams": num_beams, "limit": args.limit,
                 "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "bf16": args.bf16,
                 "channels_last": args.channels_last, "device": args.device, "num_threads": torch.get_num_threads()}
+    if args.split == HELDOUT:
+        settings.update(heldout_size=heldout_size, heldout_by=heldout_by)
     print(format_table(figures, f"{args.model} on {args.split} (beam {num_beams})"))
     if args.output_json is not None:
         write_outputs(figures, rows, args.output_json, {"settings": settings})

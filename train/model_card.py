@@ -218,6 +218,13 @@ def render_model_card(folder: Path) -> ModelCard:
     origin = f"Fine-tuned from `{config['init_from']}`" if config.get("init_from") else "Trained from scratch"
     n_train = log.get("n_train")
     train_desc = f"{n_train} CROHME training expressions" if n_train else "the CROHME training expressions"
+    n_heldout = log.get("n_heldout") or config["heldout_size"]
+    heldout_desc = (
+        f"{n_heldout} further training expressions of whole writers held out (fixed, writers chosen by a hash; "
+        "none of them is trained on, as in the test sets)"
+        if config.get("heldout_by") == "writer" else
+        f"{n_heldout} further training expressions held out (fixed, chosen by a hash of their names)"
+    )
     heldout_rows = "\n".join(
         f"| {_epoch(e['epoch'])} | {e['step']} | {_percent(e['exprate'])} | {_percent(e['le1'])} | {_percent(e['le2'])} "
         f"| {_percent(e['le3'])} | {_percent(e['ser'])} | {e['minutes']:.0f} | {eval_cpu_hours(log, e):.2f} |"
@@ -252,8 +259,8 @@ tokens out. {origin} on the CROHME 2014/2016 training set with this project's `t
 
 - Model: {model_desc}; {(n_parameters or 0) / 1e6:.2f}M parameters.
 - Training data: {train_desc}, rendered from the ink with stroke-level augmentation
-  (`augment: {config['augment']}`); {config['heldout_size']} further training expressions held out (fixed,
-  chosen by a hash of their names) to choose this checkpoint. The CROHME test sets were not used for any choice.
+  (`augment: {config['augment']}`);
+  {heldout_desc} to choose this checkpoint. The CROHME test sets were not used for any choice.
 - Best held-out ExpRate (greedy): **{_percent(best.get('exprate', 0))}%** at epoch {_epoch(best.get('epoch', 0))}
   (step {best.get('step', '-')}).
 - Trained for {log.get('epochs', 0)} full epoch(s), {log.get('steps', 0)} optimizer steps, {hours:.2f} hours

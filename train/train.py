@@ -13,8 +13,9 @@ Any key of the YAML config can be overridden on the command line (`--learning_ra
 `--model.decoder_type transformer`). What it does, in order:
 
 1. builds the CROHME training set with `data_scripts.crohme.load_crohme` and holds out a fixed
-   slice of it (`heldout_size` expressions chosen by a hash of their names) for model selection;
-   the test sets are never looked at;
+   slice of it (`heldout_size` expressions chosen by a hash of their names, or with
+   `heldout_by: writer` whole writers, as the test sets hold writers never seen in training) for
+   model selection; the test sets are never looked at;
 2. renders every training expression from its strokes with random stroke-level augmentation,
    turns it into model inputs with the same `HMERProcessor` that inference uses, and batches
    expressions of similar size under a pixel budget (batches shuffled every epoch, the order a
@@ -66,8 +67,9 @@ from train.data import (  # noqa: E402
     HMERTrainDataset,
     SizeGroupedBatchSampler,
     as_uint8_image,
-    heldout_split,
+    HELDOUT_BY,
     image_sizes,
+    select_heldout,
     single_thread_worker_init,
 )
 from train.evaluate_model import load_metric, predict_images  # noqa: E402
@@ -82,6 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 1234,
     # data
     "heldout_size": 500,
+    "heldout_by": "expression",  # expression | writer: hold out single expressions, or whole writers
     "limit": None,  # use only the first N training expressions (after holding out)
     "augment": True,
     "pixel_budget": 400_000,  # padded pixels per batch (batch size x max height x max width)
@@ -192,6 +195,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
         _check_types(config)
     except ValueError as error:
         parser.error(str(error))
+    if config["heldout_by"] not in HELDOUT_BY:
+        parser.error(f"heldout_by must be one of {', '.join(HELDOUT_BY)}, got {config['heldout_by']!r}")
     if config["state_dir"] is None:
         config["state_dir"] = str(Path("~/.cache/hmer/train_state").expanduser() / config["run_name"])
     config["state_dir"] = str(Path(config["state_dir"]).expanduser())
@@ -594,7 +599,7 @@ def main(argv=None) -> None:
 
     with accelerator.main_process_first():  # the first process builds the cache, the others read it
         dataset = load_crohme(args.data_dir, "train", cache_dir=args.cache_dir)
-    train_idx, heldout_idx = heldout_split(list(dataset["name"]), config["heldout_size"])
+    train_idx, heldout_idx = select_heldout(dataset, config["heldout_size"], config["heldout_by"])
     if config["limit"]:
         train_idx = train_idx[: config["limit"]]
     sizes = image_sizes(dataset)
@@ -676,7 +681,7 @@ def main(argv=None) -> None:
     flat_config.update({f"model.{k}": str(v) for k, v in config["model"].items()})
     accelerator.init_trackers(config["run_name"], config=flat_config)
     accelerator.print(
-        f"{len(train_idx)} training / {len(heldout_idx)} held-out expressions, {len(sampler)} chunks of "
+        f"{len(train_idx)} training / {len(heldout_idx)} held-out expressions (by {config['heldout_by']}), {len(sampler)} chunks of "
         f"{config['batches_per_chunk']} batches per epoch ({len(train_loader)} chunks per process), {n_parameters / 1e6:.2f}M parameters, {hardware}"
     )
 
