@@ -7,9 +7,10 @@ Images are the split's standard renders (the dataset's "image" column) fed throu
 `HMERProcessor`, exactly as a user's image would be; an image the processor rejects (blank, say)
 is skipped and counted. `--split heldout` scores the training set's held-out slice (the one
 train/train.py selects checkpoints on, by expression or by writer, as the model's training_log.json
-says), so saved models can be compared without touching a test set. Prints a table; with --output_json writes the figures as JSON and the
-predictions as a TSV next to it (name, reference, prediction, token edit distance); with
---update_card adds them to the model folder's card (see train/model_card.py).
+says), so saved models can be compared without touching a test set. Prints a table; with
+--output_json writes the figures as JSON and the predictions as a TSV next to it (name, reference,
+prediction, token edit distance); with --update_card adds them to the model folder's card (see
+train/model_card.py).
 """
 
 from __future__ import annotations
