@@ -22,6 +22,7 @@ and augmentations that an uninterrupted run would have seen:
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -59,9 +60,7 @@ def heldout_split(
         return order[heldout_size:], order[:heldout_size]
     if len(groups) != len(names):
         raise ValueError(f"groups has {len(groups)} keys for {len(names)} names")
-    sizes: dict[str, int] = {}
-    for group in groups:
-        sizes[group] = sizes.get(group, 0) + 1
+    sizes = Counter(groups)
     chosen, total = set(), 0
     for group in sorted(sizes, key=lambda group: _salted_hash(salt, group)):
         if total + sizes[group] <= heldout_size:
