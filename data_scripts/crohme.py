@@ -13,7 +13,12 @@ Splits: ``train`` (TrainINKML, 8,835 usable expressions), ``test_2014`` (TestEM2
 - ``image``: the standard offline render (`data_scripts.render.render_strokes`, PNG, white ink
   on black, mean stroke height 22 px);
 - ``strokes``: the pen trajectories in file units, a list of strokes, each a list of ``[x, y]``
-  float32 points (y down), for on-the-fly rendering with augmentation.
+  float32 points (y down), for on-the-fly rendering with augmentation;
+- ``symbols``: the file's symbol segmentation, one ``{"label", "strokes"}`` per written symbol:
+  its vocabulary token (``x``, ``\\sqrt``, ``-`` for a fraction bar too) and the indices of its
+  strokes in ``strokes``. Empty where the file has no usable segmentation (no groups, a stroke in
+  two groups, a label outside the vocabulary): such rows are kept and counted in
+  ``builder.unsegmented`` / ``unsegmented_files.json``. Every CROHME training file has one.
 
 `datasets` 5 no longer runs loading scripts, so the builder is used directly (what `load_crohme`
 does)::
@@ -89,6 +94,7 @@ OFFLINE_FOLDERS: dict[str, tuple[str, ...]] = {
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".gif")
 SKIPPED_FILE = "skipped_files.json"
+UNSEGMENTED_FILE = "unsegmented_files.json"
 # Shards per split: jobs of `num_proc` take contiguous runs of them, each job reads its
 # source once, and the rows come out in name order whatever num_proc is.
 NUM_SHARDS = {"train": 16, "test_2014": 4, "test_2016": 4}
@@ -103,6 +109,7 @@ FEATURES = datasets.Features(
         "image": datasets.Image(),
         # strokes -> points -> (x, y): ragged at both outer levels, so nested lists.
         "strokes": datasets.List(datasets.List(datasets.List(datasets.Value("float32")))),
+        "symbols": datasets.List({"label": datasets.Value("string"), "strokes": datasets.List(datasets.Value("int32"))}),
     }
 )
 
@@ -247,7 +254,7 @@ class Crohme(datasets.GeneratorBasedBuilder):
         if not wanted:
             return
         files = _read_files(Path(location), set(wanted))
-        skipped = []
+        skipped, unsegmented = [], []
         for path in wanted:
             name = Path(path).name.removesuffix(".inkml")
             expression_source = source or Path(path).parent.name
@@ -270,22 +277,28 @@ class Crohme(datasets.GeneratorBasedBuilder):
                 "tokens": normalize(expression.latex),
                 "image": {"bytes": encode_png(image), "path": None},
                 "strokes": [stroke.tolist() for stroke in expression.strokes],
+                "symbols": [{"label": symbol.label, "strokes": symbol.strokes} for symbol in expression.symbols],
             }
+            if expression.symbols_error:
+                unsegmented.append({"name": path, "reason": expression.symbols_error})
         # One report per job, named after its first file so that jobs never collide.
         report = Path(report_dir) / f"{split}-{hashlib.sha1(wanted[0].encode()).hexdigest()[:12]}.json"
-        report.write_text(json.dumps({"split": split, "skipped": skipped}))
+        report.write_text(json.dumps({"split": split, "skipped": skipped, "unsegmented": unsegmented}))
 
     def _download_and_prepare(self, dl_manager, verification_mode, **prepare_split_kwargs):
         super()._download_and_prepare(dl_manager, verification_mode, **prepare_split_kwargs)
         # Gather the per-job reports into one file next to the prepared splits.
         report_dir = Path(self._output_dir) / "skipped"
-        skipped: dict[str, list] = {split: [] for split in self.info.splits}
+        reports = {key: {split: [] for split in self.info.splits} for key in ("skipped", "unsegmented")}
         for path in sorted(report_dir.glob("*.json")):
             report = json.loads(path.read_text())
-            skipped.setdefault(report["split"], []).extend(report["skipped"])
-        for items in skipped.values():
-            items.sort(key=lambda item: item["name"])
-        (Path(self._output_dir) / SKIPPED_FILE).write_text(json.dumps(skipped, indent=1))
+            for key, found in reports.items():
+                found.setdefault(report["split"], []).extend(report[key])
+        for found in reports.values():
+            for items in found.values():
+                items.sort(key=lambda item: item["name"])
+        (Path(self._output_dir) / SKIPPED_FILE).write_text(json.dumps(reports["skipped"], indent=1))
+        (Path(self._output_dir) / UNSEGMENTED_FILE).write_text(json.dumps(reports["unsegmented"], indent=1))
         for path in report_dir.glob("*.json"):
             path.unlink()
         report_dir.rmdir()
@@ -302,12 +315,28 @@ class Crohme(datasets.GeneratorBasedBuilder):
         """``{split: {reason: count}}`` of the files left out."""
         return {split: dict(Counter(item["reason"] for item in items)) for split, items in self.skipped.items()}
 
+    @property
+    def unsegmented(self) -> dict[str, list[dict]]:
+        """Rows kept with empty ``symbols``: ``{split: [{"name", "reason"}, ...]}``."""
+        path = Path(self._output_dir) / UNSEGMENTED_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: call download_and_prepare() first")
+        return json.loads(path.read_text())
+
+    def unsegmented_counts(self) -> dict[str, dict[str, int]]:
+        """``{split: {reason: count}}`` of the rows without a symbol segmentation."""
+        return {split: dict(Counter(item["reason"] for item in items)) for split, items in self.unsegmented.items()}
+
 
 def _log_skipped(builder: Crohme) -> None:
     for split, counts in builder.skipped_counts().items():
         if counts:
             summary = ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
             logger.warning(f"CROHME {split}: skipped {sum(counts.values())} file(s): {summary}")
+    for split, counts in builder.unsegmented_counts().items():
+        if counts:
+            summary = ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
+            logger.info(f"CROHME {split}: {sum(counts.values())} row(s) without symbol segmentation: {summary}")
 
 
 def _default_num_proc() -> int:
@@ -394,6 +423,7 @@ def _iter_offline(folder: str, caption_file: str, stamp: str = "") -> Iterator[d
             "tokens": normalize(caption),
             "image": {"bytes": images[name].read_bytes(), "path": images[name].name},
             "strokes": [],
+            "symbols": [],
         }
     if skipped:
         logger.warning(f"{folder}: skipped {dict(skipped)}")
@@ -464,7 +494,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for split, dataset in splits.items():
         counts = builder.skipped_counts().get(split, {})
         detail = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) or "none"
-        print(f"  {split}: {dataset.num_rows} expressions; skipped: {detail}")
+        counts = builder.unsegmented_counts().get(split, {})
+        unsegmented = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) or "none"
+        print(f"  {split}: {dataset.num_rows} expressions; skipped: {detail}; without symbols: {unsegmented}")
     for split, items in builder.skipped.items():
         for item in items:
             print(f"  skipped {item['name']}: {item['reason']}")

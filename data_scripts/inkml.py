@@ -30,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["InkExpression", "InkMLError", "read_inkml", "parse_trace", "iter_inkml_files"]
+from modeling_hmer.latex import CROHME_SYMBOLS, normalize
+
+__all__ = ["InkExpression", "InkMLError", "InkSymbol", "read_inkml", "parse_trace", "iter_inkml_files", "symbol_token", "INK_SYMBOLS"]
 
 
 class InkMLError(ValueError):
@@ -44,6 +46,14 @@ class InkMLError(ValueError):
 
 
 @dataclass
+class InkSymbol:
+    """One segmented symbol: its CROHME token and the indices of its strokes in `InkExpression.strokes`."""
+
+    label: str
+    strokes: list[int]
+
+
+@dataclass
 class InkExpression:
     """One handwritten expression.
 
@@ -53,6 +63,10 @@ class InkExpression:
         latex: raw truth as written in the file, without ``$...$`` and surrounding spaces.
         strokes: one float32 array of shape (N, 2) per stroke: x, y in file units, y down.
         writer: the root's writer annotation, stripped (``""`` when the file has none).
+        symbols: the symbol segmentation (trace groups), one `InkSymbol` per symbol in file order;
+            empty when the file has none that is usable, and then `symbols_error` says why
+            (``"no segmentation"``, ``"stroke in two groups"``, ``"label outside vocabulary"``,
+            ``"unknown trace"``).
     """
 
     name: str
@@ -60,6 +74,8 @@ class InkExpression:
     latex: str
     strokes: list[np.ndarray] = field(default_factory=list)
     writer: str = ""
+    symbols: list[InkSymbol] = field(default_factory=list)
+    symbols_error: str = ""
 
 
 def _local(tag: str) -> str:
@@ -206,6 +222,7 @@ def read_inkml(data: bytes, name: str, source: str = "") -> InkExpression:
     x_index = channel_names.index("X") if "X" in channel_names else 0
     y_index = channel_names.index("Y") if "Y" in channel_names else 1
     strokes = []
+    stroke_of_trace: dict[str, int] = {}  # trace id -> index in `strokes` (empty traces have none)
     for element in root.iter():
         if _local(element.tag) != "trace":
             continue
@@ -213,10 +230,93 @@ def read_inkml(data: bytes, name: str, source: str = "") -> InkExpression:
         if len(stroke) == 0 and (x_index, y_index) != (0, 1):
             stroke = parse_trace(element.text or "")  # declared layout disagrees with stored
         if len(stroke):
+            trace_id = _element_id(element)
+            if trace_id is not None:
+                stroke_of_trace[trace_id] = len(strokes)
             strokes.append(stroke)
     if not strokes:
         raise InkMLError("no traces", name)
-    return InkExpression(name=name, source=source, latex=_strip_dollars(truth), strokes=strokes, writer=writer)
+    symbols, symbols_error = _read_symbols(root, stroke_of_trace)
+    return InkExpression(
+        name=name,
+        source=source,
+        latex=_strip_dollars(truth),
+        strokes=strokes,
+        writer=writer,
+        symbols=symbols,
+        symbols_error=symbols_error,
+    )
+
+
+def _element_id(element: ET.Element) -> str | None:
+    """An element's ``xml:id`` (CROHME) or plain ``id`` attribute."""
+    return element.get("{http://www.w3.org/XML/1998/namespace}id", element.get("id"))
+
+
+def symbol_token(label: str) -> str | None:
+    """The vocabulary token of a trace group's label (``\\lt`` -> ``<``, ``COMMA`` -> ``,``), or None.
+
+    A label is usable when `modeling_hmer.latex.normalize` turns it into exactly one CROHME symbol.
+    """
+    label = _LABEL_ALIASES.get(label.strip(), label.strip())
+    if label in INK_SYMBOLS:  # `\\sqrt` alone normalizes to `\\sqrt { }`
+        return label
+    tokens = normalize(label) if label else []
+    if len(tokens) == 1 and tokens[0] in INK_SYMBOLS:
+        return tokens[0]
+    return None
+
+
+# Trace-group labels that CROHME spells by name rather than in LaTeX.
+_LABEL_ALIASES = {"COMMA": ",", "\\lbrace": "\\{", "\\rbrace": "\\}"}
+
+
+# Labels of the group that holds the symbol groups, not a symbol.
+_CONTAINER_LABELS = frozenset(("Segmentation", "From ITF"))
+
+# The vocabulary tokens that are written as ink (structure tokens never are; a fraction bar is `-`).
+INK_SYMBOLS = frozenset(CROHME_SYMBOLS) - {"{", "}", "^", "_", "\\limits", "\\frac"}
+
+
+def _read_symbols(root: ET.Element, stroke_of_trace: dict[str, int]) -> tuple[list[InkSymbol], str]:
+    """The symbol-level trace groups: every ``traceGroup`` with a truth label and trace views.
+
+    Returns (symbols, "") or ([], reason) when the segmentation is missing or unusable.
+    """
+    symbols: list[InkSymbol] = []
+    used: set[int] = set()
+    for group in root.iter():
+        if _local(group.tag) != "traceGroup":
+            continue
+        label = None
+        refs = []
+        nested = False
+        for child in group:  # the group's own label and traces, not those of nested groups
+            tag = _local(child.tag)
+            if tag == "annotation" and child.get("type") == "truth" and label is None:
+                label = (child.text or "").strip()
+            elif tag == "traceView":
+                refs.append(child.get("traceDataRef"))
+            elif tag == "traceGroup":
+                nested = True
+        if nested or not refs or label is None or label in _CONTAINER_LABELS:
+            continue  # the root "Segmentation" group holds the symbol groups
+        token = symbol_token(label)
+        if token is None:
+            return [], "label outside vocabulary"
+        indices = []
+        for ref in refs:
+            if ref not in stroke_of_trace:
+                return [], "unknown trace"
+            index = stroke_of_trace[ref]
+            if index in used:
+                return [], "stroke in two groups"
+            used.add(index)
+            indices.append(index)
+        symbols.append(InkSymbol(token, sorted(indices)))
+    if not symbols:
+        return [], "no segmentation"
+    return symbols, ""
 
 
 def iter_inkml_files(path: str | os.PathLike) -> Iterator[tuple[str, bytes]]:

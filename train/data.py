@@ -6,6 +6,8 @@ and augmentations that an uninterrupted run would have seen:
 - `heldout_split` picks the model-selection slice of the training set by a salted hash of each
   expression's name (independent of the training seed, so every run selects on the same slice),
   or of each writer's key (`writer_groups`): whole writers held out, like the test sets' writers;
+  `unseen_formula_split` also keeps the slice's formulas out of the training part, as the test
+  sets' formulas are (`select_heldout(..., heldout_by="unseen")`);
 - `HMERTrainDataset` renders each expression from its strokes with random stroke-level
   augmentation drawn from `np.random.default_rng((seed, epoch, index))`, or returns the
   standard render when augmentation is off;
@@ -91,21 +93,75 @@ def writer_groups(names: Sequence[str], sources: Sequence[str], writers: Sequenc
     return keys
 
 
-HELDOUT_BY = ("expression", "writer")
+def unseen_formula_split(
+    names: Sequence[str],
+    groups: Sequence[str],
+    formulas: Sequence[str],
+    heldout_size: int,
+    salt: str = HELDOUT_SALT,
+) -> tuple[list[int], list[int]]:
+    """(train, held-out) row indices where the held-out rows are new writers writing new formulas.
+
+    Like the CROHME test sets: no held-out writer (`groups`, e.g. `writer_groups`) writes in the
+    training part, and no held-out formula (`formulas`, e.g. the joined normalized tokens) occurs
+    in it. Writers are taken in the order of their keys' salted hashes; a held-out writer's rows
+    whose formula some training writer also wrote belong to neither part (their writer must stay
+    out of training, their formula out of the slice). Writers are added until `heldout_size`
+    unseen-formula rows are found; the slice is the first `heldout_size` of them in name-hash
+    order, and the unused rest of the held-out writers' rows is left out of both parts too.
+    """
+    if not 0 < heldout_size < len(names):
+        raise ValueError(f"heldout_size must be in (0, {len(names)}), got {heldout_size}")
+    if not len(names) == len(groups) == len(formulas):
+        raise ValueError(f"{len(names)} names, {len(groups)} groups and {len(formulas)} formulas must match")
+    # writers_of[formula]: how many rows of each writer wrote it, to update as writers leave training
+    rows_of_group: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        rows_of_group.setdefault(group, []).append(index)
+    training_count = Counter(formulas)  # rows in the training part per formula
+    chosen: list[str] = []
+    slice_rows: set[int] = set()
+    for group in sorted(rows_of_group, key=lambda group: _salted_hash(salt, group)):
+        chosen.append(group)
+        for index in rows_of_group[group]:
+            training_count[formulas[index]] -= 1
+        held = [i for g in chosen for i in rows_of_group[g]]
+        slice_rows = {i for i in held if training_count[formulas[i]] == 0}
+        if len(slice_rows) >= heldout_size:
+            break
+    else:
+        raise ValueError(f"only {len(slice_rows)} rows of unseen formulas exist, fewer than heldout_size {heldout_size}")
+    held_out_groups = set(chosen)
+    order = sorted(range(len(names)), key=lambda i: _salted_hash(salt, names[i]))
+    heldout = [i for i in order if i in slice_rows][:heldout_size]
+    train = [i for i in order if groups[i] not in held_out_groups]
+    return train, heldout
+
+
+HELDOUT_BY = ("expression", "writer", "unseen")
 
 
 def select_heldout(dataset, heldout_size: int, heldout_by: str = "expression") -> tuple[list[int], list[int]]:
-    """(train, held-out) row indices of a CROHME training `datasets.Dataset`: `heldout_split` by
-    expression names, or with `heldout_by="writer"` by whole writers (`writer_groups`)."""
+    """(train, held-out) row indices of a CROHME training `datasets.Dataset`.
+
+    `heldout_by`: ``"expression"``, single expressions by a hash of their names (`heldout_split`);
+    ``"writer"``, whole writers (`writer_groups`); ``"unseen"``, whole writers whose held-out rows
+    are formulas that no training row writes (`unseen_formula_split`), the closest match to the
+    CROHME test sets (new writers, 97% new formulas). With ``"unseen"`` some rows of the
+    held-out writers are in neither list.
+    """
     if heldout_by not in HELDOUT_BY:
         raise ValueError(f"heldout_by must be one of {', '.join(HELDOUT_BY)}, got {heldout_by!r}")
     names = list(dataset["name"])
     if heldout_by == "expression":
         return heldout_split(names, heldout_size)
     if "writer" not in dataset.column_names:
-        raise ValueError("heldout_by='writer' needs a dataset with a writer column (data_scripts.crohme builds one)")
+        raise ValueError(f"heldout_by={heldout_by!r} needs a dataset with a writer column (data_scripts.crohme builds one)")
     groups = writer_groups(names, list(dataset["source"]), list(dataset["writer"]))
-    return heldout_split(names, heldout_size, groups=groups)
+    if heldout_by == "writer":
+        return heldout_split(names, heldout_size, groups=groups)
+    formulas = [" ".join(tokens) for tokens in dataset["tokens"]]
+    return unseen_formula_split(names, groups, formulas, heldout_size)
 
 
 def as_uint8_image(image) -> np.ndarray:

@@ -234,7 +234,7 @@ def parse_args(argv=None):
     parser.add_argument("--heldout_size", type=int, default=None,
                         help="size of the held-out slice for --split heldout (default: the model's training_log.json, else 500)")
     parser.add_argument("--heldout_by", choices=HELDOUT_BY, default=None,
-                        help="held-out slice by expression or by writer (default: the model's training_log.json, else expression)")
+                        help="held-out slice by expression, writer or unseen (new writers and new formulas; default: the model's training_log.json, else expression)")
     parser.add_argument("--num_beams", type=int, default=None, help="beam size (default: the model's generation config)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first K expressions")
     parser.add_argument("--batch_size", type=int, default=8, help="images per batch (default 8)")

@@ -219,11 +219,14 @@ def render_model_card(folder: Path) -> ModelCard:
     n_train = log.get("n_train")
     train_desc = f"{n_train} CROHME training expressions" if n_train else "the CROHME training expressions"
     n_heldout = log.get("n_heldout") or config["heldout_size"]
-    heldout_desc = (
-        f"{n_heldout} further training expressions of whole writers held out (fixed, writers chosen by a hash; "
-        "none of them is trained on, as in the test sets)"
-        if config.get("heldout_by") == "writer" else
-        f"{n_heldout} further training expressions held out (fixed, chosen by a hash of their names)"
+    heldout_desc = {
+        "writer": f"{n_heldout} further training expressions of whole writers held out (fixed, writers chosen by a "
+        "hash; none of them is trained on, as in the test sets)",
+        "unseen": f"{n_heldout} further training expressions of whole writers held out, each a formula that no "
+        "training expression writes (fixed, writers chosen by a hash; new writers and new formulas, as in the test sets)",
+    }.get(
+        config.get("heldout_by"),
+        f"{n_heldout} further training expressions held out (fixed, chosen by a hash of their names)",
     )
     heldout_rows = "\n".join(
         f"| {_epoch(e['epoch'])} | {e['step']} | {_percent(e['exprate'])} | {_percent(e['le1'])} | {_percent(e['le2'])} "

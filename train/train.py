@@ -84,7 +84,8 @@ DEFAULTS: dict[str, Any] = {
     "seed": 1234,
     # data
     "heldout_size": 500,
-    "heldout_by": "expression",  # expression | writer: hold out single expressions, or whole writers
+    "heldout_by": "expression",  # expression | writer | unseen: single expressions, whole writers, or whole
+    # writers writing formulas absent from the training part (like the test sets; see train/data.py)
     "limit": None,  # use only the first N training expressions (after holding out)
     "augment": True,
     "pixel_budget": 400_000,  # padded pixels per batch (batch size x max height x max width)
