@@ -138,12 +138,15 @@ class InkBank:
     def __init__(self, instances: dict[str, list[SymbolInk]], geometry: dict[str, LabelGeometry]):
         self.instances = instances
         self.geometry = geometry
-        # Sampling with a preferred writer: the instances of each (label, writer).
+        # Sampling: the instances of each (label, writer), and those written on a main line.
         self._by_writer: dict[tuple[str, str], list[SymbolInk]] = {}
+        self._by_writer_on_line: dict[tuple[str, str], list[SymbolInk]] = {}
         self._on_line: dict[str, list[SymbolInk]] = {}
         for label, items in instances.items():
             for ink in items:
                 self._by_writer.setdefault((label, ink.writer), []).append(ink)
+                if ink.on_line:
+                    self._by_writer_on_line.setdefault((label, ink.writer), []).append(ink)
             self._on_line[label] = [ink for ink in items if ink.on_line] or items
         self.writers = sorted({ink.writer for items in instances.values() for ink in items})
 
@@ -242,22 +245,20 @@ class InkBank:
         exclude_writer: str | None = None,
         on_line: bool = True,
     ) -> SymbolInk:
-        """A random instance of `label`: of `writer` when that writer wrote one, never of
-        `exclude_writer` when another writer did; with `on_line`, one written on a main line."""
+        """A random instance of `label`: of `writer` when that writer wrote one, of another writer
+        than `exclude_writer` (unless nobody else did); with `on_line`, one written at its usual
+        size and place on a main line, whenever the bank holds one."""
         if label not in self.instances:
             raise KeyError(f"no ink for {label!r} in the bank")
-        if writer is not None and (label, writer) in self._by_writer:
-            pool = self._by_writer[(label, writer)]
-            if on_line:
-                pool = [ink for ink in pool if ink.on_line] or pool
-        else:
+        by_writer = self._by_writer_on_line if on_line else self._by_writer
+        pool = by_writer.get((label, writer)) if writer is not None else None
+        if not pool:
             pool = self._on_line[label] if on_line else self.instances[label]
-        if exclude_writer is not None:
-            others = [ink for ink in pool if ink.writer != exclude_writer]
-            if not others and pool is not self.instances[label]:
-                others = [ink for ink in self.instances[label] if ink.writer != exclude_writer]
-            pool = others or pool
-        return pool[int(rng.integers(len(pool)))]
+        for _ in range(8):  # a few draws avoid the excluded writer without filtering thousands of instances
+            ink = pool[int(rng.integers(len(pool)))]
+            if ink.writer != exclude_writer:
+                break
+        return ink
 
     def writers_of(self, labels: Iterable[str]) -> list[str]:
         """Writers who wrote every one of `labels` (to write a whole expression in one hand)."""
