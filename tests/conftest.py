@@ -8,6 +8,7 @@ Fixtures:
                            "x^2 + 1 = y" (see `draw_expression_image`)
     expression_strokes  -> the strokes of that drawing (list of (N, 2) float arrays, y down)
     shared_crohme       -> pathlib.Path of ../shared/crohme, or the test is skipped saying why
+    crohme_real         -> the real CROHME splits prepared once per test session (a `Crohme` builder)
 """
 
 from __future__ import annotations
@@ -125,3 +126,14 @@ def shared_crohme() -> Path:
     if not (path / "TrainINKML.tar.gz").is_file() and not (path / "TrainINKML").is_dir():
         pytest.skip(f"CROHME data not found at {path} (expected the shared data folder next to the repository)")
     return path
+
+
+@pytest.fixture(scope="session")
+def crohme_real(shared_crohme, tmp_path_factory):
+    """All three real splits, prepared once per test session from the archives (about a minute on
+    2 cores) into the session's temporary folder; `.as_dataset(split)` gives each."""
+    from data_scripts.crohme import Crohme
+
+    builder = Crohme(data_dir=str(shared_crohme), cache_dir=str(tmp_path_factory.mktemp("crohme_cache")))
+    builder.download_and_prepare(num_proc=min(2, os.cpu_count() or 1))
+    return builder

@@ -102,6 +102,9 @@ def test_builder_on_small_package(tmp_path, cache_dir, archives):
         "TrainINKML/MfrDB/no_truth.inkml",
     ]
     assert sorted(p.relative_to(data_dir) for p in data_dir.rglob("*")) == before
+    # These files have no symbol segmentation: their rows stay, with empty symbols, and are counted.
+    assert train["symbols"] == [[], []]
+    assert builder.unsegmented_counts() == {"train": {"no segmentation": 2}, "test_2014": {"no segmentation": 2}}
 
 
 def test_same_rows_from_folders_and_archives_and_any_num_proc(tmp_path, cache_dir):
@@ -182,11 +185,9 @@ requires_crohme = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def real_builder(tmp_path_factory):
-    """All three splits prepared once from the .tar.gz archives (about a minute on 2 cores)."""
-    builder = Crohme(data_dir=str(SHARED_CROHME), cache_dir=str(tmp_path_factory.mktemp("crohme_cache")))
-    builder.download_and_prepare(num_proc=min(2, os.cpu_count() or 1))
-    return builder
+def real_builder(crohme_real):
+    """All three splits prepared once from the .tar.gz archives (the session's `crohme_real`)."""
+    return crohme_real
 
 
 @requires_crohme
@@ -205,6 +206,29 @@ def test_real_split_counts(real_builder):
         test_writers = set(real_builder.as_dataset(split)["writer"])
         assert "" not in test_writers and not test_writers & train_writers
     assert "MfrDB0104" in set(train["name"])  # the latin-1 file is read
+
+
+@requires_crohme
+def test_real_symbol_segmentation_covers_the_training_set(real_builder):
+    from data_scripts.inkml import INK_SYMBOLS
+
+    train = real_builder.as_dataset("train").select_columns(["strokes", "symbols"])
+    with_symbols = 0
+    labels = set()
+    instances = 0
+    for row in train:
+        if not row["symbols"]:
+            continue
+        with_symbols += 1
+        indices = [k for symbol in row["symbols"] for k in symbol["strokes"]]
+        assert len(indices) == len(set(indices)) and all(0 <= k < len(row["strokes"]) for k in indices)
+        labels.update(symbol["label"] for symbol in row["symbols"])
+        instances += len(row["symbols"])
+    assert with_symbols >= 0.99 * train.num_rows
+    assert labels <= INK_SYMBOLS and len(labels) >= 100
+    assert instances > 85_000
+    # What has no segmentation is counted, with its reason.
+    assert sum(real_builder.unsegmented_counts()["train"].values()) == train.num_rows - with_symbols
 
 
 @requires_crohme

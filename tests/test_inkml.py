@@ -161,3 +161,38 @@ def test_real_archive_defects():
     expression = read_inkml(files["MfrDB0104"], "MfrDB0104", "MfrDB")
     assert expression.latex.startswith("c \\cdot")
     assert len(expression.strokes) > 5 and all(s.shape[1] == 2 and len(s) for s in expression.strokes)
+
+
+def _groups(*symbols: tuple[str, list[str]]) -> str:
+    """A CROHME segmentation: the root "Segmentation" group holding one group per (label, trace ids)."""
+    inner = "".join(
+        f'<traceGroup xml:id="g{i}"><annotation type="truth">{label}</annotation>'
+        + "".join(f'<traceView traceDataRef="{ref}"/>' for ref in refs)
+        + "</traceGroup>"
+        for i, (label, refs) in enumerate(symbols)
+    )
+    return f'<traceGroup xml:id="root"><annotation type="truth">Segmentation</annotation>{inner}</traceGroup>'
+
+
+def test_symbol_segmentation_is_read_with_vocabulary_labels():
+    # `\lt` is the `<` symbol; an empty trace has no stroke, so later stroke indices shift down.
+    extra = _groups(("x", ["0", "1"]), ("\\lt", ["3"]), ("\\sqrt", ["4"]))
+    traces = ["0 0, 1 1", "1 0, 0 1", "", "2 0, 3 1", "4 0, 5 1"]
+    expression = read_inkml(inkml("$x &lt; \\sqrt{}$", traces, extra=extra).encode(), "s")
+    assert [(s.label, s.strokes) for s in expression.symbols] == [("x", [0, 1]), ("<", [2]), ("\\sqrt", [3])]
+    assert expression.symbols_error == ""
+
+
+@pytest.mark.parametrize(
+    "extra, reason",
+    [
+        ("", "no segmentation"),
+        (_groups(("x", ["0"]), ("y", ["0", "1"])), "stroke in two groups"),
+        (_groups(("x", ["0"]), ("\\aleph", ["1"])), "label outside vocabulary"),
+        (_groups(("x", ["0"]), ("y", ["7"])), "unknown trace"),
+    ],
+)
+def test_unusable_segmentation_keeps_the_expression_and_says_why(extra, reason):
+    expression = read_inkml(inkml("$xy$", ["0 0, 1 1", "2 0, 3 1"], extra=extra).encode(), "u")
+    assert expression.latex == "xy" and len(expression.strokes) == 2  # the expression itself is kept
+    assert expression.symbols == [] and expression.symbols_error == reason

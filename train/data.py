@@ -33,6 +33,8 @@ from torch.utils.data import Dataset, Sampler
 
 
 HELDOUT_SALT = "hmer-heldout-v1"
+# The last entry of the seed of the generator that decides and draws synthetic samples.
+SYNTHETIC_STREAM = 1
 
 
 def _salted_hash(salt: str, key: str) -> str:
@@ -135,6 +137,8 @@ def unseen_formula_split(
     order = sorted(range(len(names)), key=lambda i: _salted_hash(salt, names[i]))
     heldout = [i for i in order if i in slice_rows][:heldout_size]
     train = [i for i in order if groups[i] not in held_out_groups]
+    if not train:
+        raise ValueError(f"holding out {heldout_size} rows of unseen formulas leaves no training rows")
     return train, heldout
 
 
@@ -201,20 +205,46 @@ class HMERTrainDataset(Dataset):
     Keys are either a row index or `(epoch, index)`: the sampler passes the epoch along with
     the index so that a worker process, which holds its own copy of this object, draws the same
     augmentation as the main process would, whatever the number of workers.
+
+    With `synthetic` (a `data_scripts.synth.SyntheticExpressions` over the same training rows)
+    each position is, with probability `synthetic_share` drawn per (seed, epoch, index), a
+    synthetic variant instead of its real row: generator A varies that very row, B composes a
+    new formula. The epoch keeps its length and its batches (a synthetic sample stands in the
+    size group of the row it replaces), and a resumed run draws the same samples.
     """
 
-    def __init__(self, dataset, indices: Optional[Sequence[int]] = None, augment: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        dataset,
+        indices: Optional[Sequence[int]] = None,
+        augment: bool = False,
+        seed: int = 0,
+        synthetic=None,
+        synthetic_share: float = 0.0,
+    ):
+        if not 0.0 <= synthetic_share < 1.0:
+            raise ValueError(f"synthetic_share must be in [0, 1), got {synthetic_share}")
         self.dataset = dataset
         self.indices = list(range(len(dataset))) if indices is None else list(indices)
         self.augment = augment
         self.seed = seed
+        self.synthetic = synthetic if synthetic_share > 0 else None
+        self.synthetic_share = synthetic_share
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, key):
         epoch, position = key if isinstance(key, tuple) else (0, key)
-        row = self.dataset[int(self.indices[position])]
+        index = int(self.indices[position])
+        if self.synthetic is not None:
+            # Its own stream, so that the real rows' augmentation is the same at every share.
+            rng = np.random.default_rng((self.seed, epoch, position, SYNTHETIC_STREAM))
+            if rng.random() < self.synthetic_share:
+                sample = self.synthetic.sample(rng, index)
+                name = f"{sample.kind}:{sample.source or position}"
+                return {"image": self.synthetic.render(sample, rng), "text": " ".join(sample.tokens), "name": name}
+        row = self.dataset[index]
         if self.augment:
             image = self.render_augmented(row["strokes"], np.random.default_rng((self.seed, epoch, position)))
         else:

@@ -88,6 +88,9 @@ DEFAULTS: dict[str, Any] = {
     # writers writing formulas absent from the training part (like the test sets; see train/data.py)
     "limit": None,  # use only the first N training expressions (after holding out)
     "augment": True,
+    # synthetic expressions (data_scripts/synth.py), drawn on the fly in place of real rows
+    "synthetic_share": 0.0,  # share of each epoch's samples that are synthetic (0 = real data only)
+    "synthetic_substitution_share": 0.5,  # of those, the share made by substitution (A); the rest composed (B)
     "pixel_budget": 400_000,  # padded pixels per batch (batch size x max height x max width)
     "max_batch_size": 16,
     "batches_per_chunk": 4,  # batches re-split by their processed image sizes (see train/data.py)
@@ -604,7 +607,16 @@ def main(argv=None) -> None:
     if config["limit"]:
         train_idx = train_idx[: config["limit"]]
     sizes = image_sizes(dataset)
-    train_set = HMERTrainDataset(dataset, train_idx, augment=config["augment"], seed=config["seed"])
+    synthetic = None
+    if config["synthetic_share"] > 0:
+        from data_scripts.synth import SyntheticExpressions
+
+        # From the training part only: the held-out slice's ink and formulas stay unseen.
+        synthetic = SyntheticExpressions(dataset, train_idx, substitution_share=config["synthetic_substitution_share"])
+    train_set = HMERTrainDataset(
+        dataset, train_idx, augment=config["augment"], seed=config["seed"],
+        synthetic=synthetic, synthetic_share=config["synthetic_share"],
+    )
     sampler = SizeGroupedBatchSampler(
         [sizes[i] for i in train_idx],
         config["pixel_budget"],
