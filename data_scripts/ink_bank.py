@@ -220,9 +220,12 @@ class InkBank:
         from train.data import writer_groups
 
         part = dataset if indices is None else dataset.select(list(indices))
-        part = part.select_columns(["name", "source", "writer", "strokes", "symbols"])
-        writers = writer_groups(part["name"], part["source"], part["writer"])
-        rows = ({**row, "writer": writer} for row, writer in zip(part, writers))
+        columns = part.select_columns(["name", "source", "writer", "strokes", "symbols"])[:]  # one batch read
+        writers = writer_groups(columns["name"], columns["source"], columns["writer"])
+        rows = (
+            {"strokes": strokes, "symbols": symbols, "writer": writer}
+            for strokes, symbols, writer in zip(columns["strokes"], columns["symbols"], writers)
+        )
         return cls.from_rows(rows)
 
     # ------------------------------------------------------------------ sampling

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -140,9 +141,11 @@ def _typeset(latex: str):
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    # mathtext reads `x ^ { 2 }` as a plain 2: no space may follow a script mark.
+    latex = re.sub(r"([\^_])\s+", r"\1", latex)
     figure = plt.figure(figsize=(0.01, 0.01), dpi=100)
     try:
-        figure.text(0, 0, f"${latex}$", fontsize=14)
+        figure.text(0, 0, f"${latex}$", fontsize=16, verticalalignment="bottom")
         figure.canvas.draw()  # raises ValueError on LaTeX mathtext cannot parse
         renderer = figure.canvas.get_renderer()
         box = figure.texts[0].get_window_extent(renderer)
@@ -185,13 +188,43 @@ def draw_sheet(rows: list[tuple[str, np.ndarray, str]], path: str, width: int = 
     sheet.save(path)
 
 
+def bench(synthetic: SyntheticExpressions, count: int, seed: int = 0) -> dict[str, float]:
+    """Prints and returns ms per sample: generation alone and with augmentation + render, for A, B
+    and (for comparison) a real row's augmented render, as the training loader does it."""
+    from train.data import HMERTrainDataset
+
+    figures = {}
+    rng = np.random.default_rng(seed)
+    positions = rng.integers(len(synthetic), size=count)
+    for name, make in (
+        ("substitution (A)", lambda p: synthetic.substitution(rng, synthetic.indices[p]) or synthetic.composition(rng)),
+        ("composition (B)", lambda p: synthetic.composition(rng)),
+    ):
+        start = time.perf_counter()
+        samples = [make(int(p)) for p in positions]
+        generated = time.perf_counter() - start
+        for sample in samples:
+            synthetic.render(sample, rng)
+        total = time.perf_counter() - start
+        figures[name] = 1000 * total / count
+        print(f"{name}: {1000 * generated / count:.2f} ms to generate, {1000 * total / count:.2f} ms with augmentation + render")
+    start = time.perf_counter()
+    for p in positions:
+        HMERTrainDataset.render_augmented(synthetic.rows[int(p)]["strokes"], rng)
+    figures["real row"] = 1000 * (time.perf_counter() - start) / count
+    print(f"real row: {figures['real row']:.2f} ms to read, augment and render")
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data_scripts.synth",
         description="Generate synthetic CROHME expressions (A: substitution, B: composition) and draw a contact sheet.",
     )
     parser.add_argument("--data_dir", required=True, help="folder with the CROHME archives or extracted folders")
-    parser.add_argument("--sheet", required=True, metavar="FILE.png", help="where to write the contact sheet")
+    parser.add_argument("--sheet", metavar="FILE.png", help="where to write the contact sheet")
+    parser.add_argument("--bench", type=int, default=0, metavar="N",
+                        help="time N samples of each generator and of real rows (ms per sample, render included)")
     parser.add_argument("--count", type=int, default=24, help="generated samples on the sheet (half A, half B; default 24)")
     parser.add_argument("--real", type=int, default=4, help="real training expressions mixed in for comparison (default 4)")
     parser.add_argument("--seed", type=int, default=0)
@@ -200,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_augment", action="store_true", help="draw the plain render, without stroke augmentation")
     parser.add_argument("--cache_dir", default=None, help="datasets cache (default: ~/.cache/hmer/datasets)")
     args = parser.parse_args(argv)
+    if not args.sheet and not args.bench:
+        parser.error("nothing to do: give --sheet FILE.png and/or --bench N")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from data_scripts.crohme import load_crohme
@@ -213,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bank: {len(synthetic.bank)} symbols of {len(synthetic.bank.labels)} labels by {len(synthetic.bank.writers)} "
           f"writers, built in {time.perf_counter() - start:.1f} s")
 
+    if args.bench:
+        bench(synthetic, args.bench, args.seed)
+    if not args.sheet:
+        return 0
     rng = np.random.default_rng(args.seed)
 
     def image_of(strokes) -> np.ndarray:
