@@ -475,6 +475,51 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_result(tiny_crohme, t
     assert summary["weights_sha256_per_process"] == straight["weights_sha256_per_process"]
 
 
+# The last commit whose train.py had its own LR schedule and config parser (before issue 16).
+OLD_TRAIN_PY_COMMIT = "a0eeade"
+
+
+def _old_train_py(folder: Path) -> Path:
+    """train/ as it is now but with the train.py of OLD_TRAIN_PY_COMMIT, in `folder`; the script's path."""
+    try:
+        old = subprocess.run(["git", "show", f"{OLD_TRAIN_PY_COMMIT}:train/train.py"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"needs git and commit {OLD_TRAIN_PY_COMMIT} of this repository")
+    shutil.copytree(REPO_ROOT / "train", folder / "train", ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "train" / "train.py").write_text(old)
+    return folder / "train" / "train.py"
+
+
+@pytest.mark.slow
+def test_a_state_saved_by_the_old_train_py_resumes_at_the_same_learning_rate_and_result(tiny_crohme, tmp_path_factory):
+    """A run started by train.py before issue 16 (its own LRSchedule, hand-written config parser)
+    continues with this train.py: same steps, same learning rates, bit-identical weights."""
+    runs = tmp_path_factory.mktemp("old_state")
+    old_script = _old_train_py(runs / "old_code")
+    old_command = _train_command(1, tiny_crohme, runs / "old", "--save_every_steps", "4", "--keep_states", "100")
+    old_command[old_command.index(str(REPO_ROOT / "train/train.py"))] = str(old_script)
+    _run(old_command)  # the old code, uninterrupted, keeping every state it saves
+    old = _summary(runs / "old")
+
+    # The old run's state of step 8, continued by this train.py.
+    (runs / "new" / "state").mkdir(parents=True)
+    shutil.copytree(runs / "old" / "state" / "step_000000008", runs / "new" / "state" / "step_000000008")
+    resumed = _run(_train_command(1, tiny_crohme, runs / "new", "--save_every_steps", "4", "--resume"))
+    assert "resumed from" in resumed.stdout and "epoch 0, step 8," in resumed.stdout
+    new = _summary(runs / "new")
+    assert (new["global_step"], new["epochs"]) == (old["global_step"], old["epochs"])
+
+    def history(run: str) -> dict:
+        last_state = runs / run / "state" / f"step_{old['global_step']:09d}" / "custom_checkpoint_1.pkl"
+        return torch.load(last_state, weights_only=False)["history"]
+
+    old_history, new_history = history("old"), history("new")
+    assert new_history["step"] == old_history["step"] and max(new_history["step"]) > 8
+    assert new_history["lr"] == pytest.approx(old_history["lr"], rel=1e-12, abs=0)
+    assert new["weights_sha256_per_process"] == old["weights_sha256_per_process"]
+
+
 @pytest.mark.slow
 def test_total_budget_and_sigterm_stop_with_an_evaluation_and_a_clean_save(tiny_crohme, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("budget") / "run"
