@@ -251,7 +251,8 @@ def test_lr_schedule_warmup_cosine_constant_and_state():
         half.optimizer.step()
         half.step()
     restored.load_state_dict(half.state_dict())
-    restored.step(), half.step()
+    restored.step()
+    half.step()
     assert restored.get_last_lr() == half.get_last_lr()
 
     constant = _lr_scheduler(_sgd(), total_steps=100, warmup_steps=4, min_lr_ratio=0.1, kind="constant")
@@ -326,7 +327,7 @@ def test_configs_build_their_model(name):
 
 
 @pytest.mark.parametrize("module", ["matplotlib", "tensorboard"])
-def test_a_missing_train_extra_stops_the_run_before_it_starts(module, monkeypatch, tmp_path, capsys):
+def test_a_missing_train_extra_stops_the_run_before_it_starts(module, monkeypatch, tmp_path):
     from train.train import main
 
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError

@@ -124,7 +124,7 @@ def parse_args(argv=None) -> tuple[RunArguments, TrainingConfig]:
         )
     except ValueError as error:  # a value TrainingConfig.__post_init__ refuses
         parser.error(str(error))
-    config.model = {**config.model, **model_overrides(rest, parser)}
+    config.model = {**(config.model or {}), **model_overrides(rest, parser)}
     return args, config
 
 
