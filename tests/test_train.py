@@ -11,7 +11,9 @@ The end-to-end tests (marked slow) train the smoke config on a tiny copy of CROH
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -219,36 +221,77 @@ def test_accelerate_shards_the_batch_sampler_between_processes():
     assert {key for batch in batches for key in batch} <= set(seen)
 
 
-def test_lr_schedule_warmup_cosine_plateau_and_state():
-    from train.train import LRSchedule
+def _sgd():
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
 
-    def optimizer():
-        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
 
-    opt = optimizer()
-    cosine = LRSchedule(opt, "cosine", total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+def _lr_scheduler(optimizer, total_steps, warmup_steps, min_lr_ratio, kind="cosine"):
+    from train.config import TrainingConfig
+    from train.train import build_lr_scheduler
+
+    config = TrainingConfig(lr_scheduler=kind, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
+    return build_lr_scheduler(optimizer, config, total_steps)
+
+
+def test_lr_schedule_warmup_cosine_constant_and_state():
+    cosine = _lr_scheduler(_sgd(), total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
     lrs = []
-    for _ in range(120):
+    for _ in range(101):
         lrs.append(cosine.get_last_lr()[0])
+        cosine.optimizer.step()
         cosine.step()
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    # transformers' warmup: step s of the warmup runs at s / warmup_steps of the peak.
+    assert lrs[0] == pytest.approx(0.0) and lrs[5] == pytest.approx(0.5) and lrs[9] == pytest.approx(0.9)
     assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.55, abs=0.02)
-    assert lrs[100] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)  # stays at the floor
+    assert lrs[100] == pytest.approx(0.1)  # the floor, min_lr_ratio x learning_rate, at the last step
     # A restored schedule continues where the saved one was.
-    restored = LRSchedule(optimizer(), "cosine", total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
-    half = LRSchedule(optimizer(), "cosine", total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    restored = _lr_scheduler(_sgd(), total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    half = _lr_scheduler(_sgd(), total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
     for _ in range(37):
+        half.optimizer.step()
         half.step()
     restored.load_state_dict(half.state_dict())
+    restored.step()
+    half.step()
     assert restored.get_last_lr() == half.get_last_lr()
 
-    plateau = LRSchedule(optimizer(), "plateau", total_steps=0, warmup_steps=0, min_lr_ratio=0,
-                         plateau_factor=0.5, plateau_patience=2)
-    for score in (0.1, 0.2, 0.2, 0.15):
-        plateau.epoch_end(score)
-    assert plateau.get_last_lr()[0] == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="lr_scheduler"):
-        LRSchedule(optimizer(), "linear", 10, 0, 0)
+    constant = _lr_scheduler(_sgd(), total_steps=100, warmup_steps=4, min_lr_ratio=0.1, kind="constant")
+    for _ in range(50):
+        constant.optimizer.step()
+        constant.step()
+    assert constant.get_last_lr()[0] == pytest.approx(1.0)
+
+
+def test_unknown_lr_schedulers_and_optimizers_are_refused():
+    from train.config import TrainingConfig
+
+    for key, value in (("lr_scheduler", "plateau"), ("lr_scheduler", "linear"), ("optimizer", "adadelta")):
+        with pytest.raises(ValueError, match=f"{key} must be one of"):
+            TrainingConfig(**{key: value})
+
+
+def test_lr_scheduler_state_saved_by_the_old_train_py_continues_at_the_same_rate():
+    """A state saved before the schedule came from transformers holds train.py's own LRSchedule state."""
+    from train.checkpointing import SavedLRScheduler
+
+    def old_cosine(step, total=100, warmup=10, floor=0.1):  # LRSchedule's cosine (train.py before issue 16)
+        progress = min((step - warmup) / (total - warmup), 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    optimizer = _sgd()
+    scheduler = _lr_scheduler(optimizer, total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    for group in optimizer.param_groups:  # what the saved optimizer state restores first
+        group["lr"] = old_cosine(37)
+    SavedLRScheduler(scheduler).load_state_dict(
+        {"steps": 37, "scale": 1.0, "best": -math.inf, "bad_epochs": 0, "base_lrs": [1.0]})
+    assert scheduler.last_epoch == 37 and scheduler.get_last_lr() == [old_cosine(37)]
+    for step in range(38, 60):
+        optimizer.step()
+        scheduler.step()
+        assert scheduler.get_last_lr()[0] == pytest.approx(old_cosine(step), rel=1e-12)
+    with pytest.raises(ValueError, match="plateau"):
+        SavedLRScheduler(scheduler).load_state_dict(
+            {"steps": 5, "scale": 0.5, "best": 0.2, "bad_epochs": 0, "base_lrs": [1.0]})
 
 
 def test_config_overrides_and_unknown_keys(tmp_path, capsys):
@@ -257,9 +300,9 @@ def test_config_overrides_and_unknown_keys(tmp_path, capsys):
     base = ["--config", str(REPO_ROOT / "train/configs/gru.yaml"), "--data_dir", "d", "--output_dir", "o"]
     args, config = parse_args(base + ["--learning_rate", "5e-4", "--model.decoder_type", "transformer",
                                       "--augment=false", "--state_dir", str(tmp_path)])
-    assert config["learning_rate"] == 5e-4 and config["augment"] is False
-    assert config["model"]["decoder_type"] == "transformer" and config["model"]["encoder_type"] == "densenet-b"
-    assert config["state_dir"] == str(tmp_path)
+    assert config.learning_rate == 5e-4 and config.augment is False
+    assert config.model["decoder_type"] == "transformer" and config.model["encoder_type"] == "densenet-b"
+    assert config.state_dir == str(tmp_path)
     with pytest.raises(SystemExit):
         parse_args(base + ["--learning_rat", "1"])
     assert "unknown option --learning_rat" in capsys.readouterr().err
@@ -273,11 +316,25 @@ def test_configs_build_their_model(name):
     import yaml
 
     from modeling_hmer import HMERConfig
-    from train.train import DEFAULTS
+    from train.config import TrainingConfig
 
     config = yaml.safe_load((REPO_ROOT / "train/configs" / f"{name}.yaml").read_text())
-    assert set(config) <= set(DEFAULTS)
+    defaults = dataclasses.asdict(TrainingConfig())
+    assert set(config) <= set(defaults)
+    # A shipped config lists only what differs from the defaults (the recommended settings).
+    assert not {key for key, value in config.items() if key != "model" and value == defaults[key]}
     HMERConfig(**config["model"])  # valid model settings
+
+
+@pytest.mark.parametrize("module", ["matplotlib", "tensorboard"])
+def test_a_missing_train_extra_stops_the_run_before_it_starts(module, monkeypatch, tmp_path):
+    from train.train import main
+
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    with pytest.raises(SystemExit, match=rf"needs {module}.*pip install -e '\.\[train\]'"):
+        main(["--config", str(REPO_ROOT / "train/configs/smoke.yaml"), "--data_dir", str(tmp_path / "no_data"),
+              "--output_dir", str(tmp_path / "model"), "--state_dir", str(tmp_path / "state")])
+    assert not (tmp_path / "state").exists()  # before the accelerator, the data or the model
 
 
 def test_init_from_takes_training_only_settings_and_refuses_shape_changes(tiny_model_dir):
@@ -286,7 +343,7 @@ def test_init_from_takes_training_only_settings_and_refuses_shape_changes(tiny_m
     saved = json.loads((tiny_model_dir / "config.json").read_text())
     regularized = {"encoder_type": saved["encoder_type"], "dropout": 0.35, "label_smoothing": 0.1,
                    "encoder_drop_rate": 0.2}
-    model, _ = build_model_and_processor({"model": regularized}, str(tiny_model_dir))
+    model, _ = build_model_and_processor(regularized, str(tiny_model_dir))
     assert (model.config.dropout, model.config.label_smoothing, model.config.encoder_drop_rate) == (0.35, 0.1, 0.2)
     dropouts = {module.p for module in model.modules() if isinstance(module, torch.nn.Dropout)}
     assert dropouts == {0.35}  # the modules were built with the new rate, not only the config
@@ -294,7 +351,7 @@ def test_init_from_takes_training_only_settings_and_refuses_shape_changes(tiny_m
 
     for shape_change in ({"hidden_size": saved["hidden_size"] * 2}, {"decoder_type": "transformer"}):
         with pytest.raises(ValueError, match="follow from its weights") as error:
-            build_model_and_processor({"model": shape_change}, str(tiny_model_dir))
+            build_model_and_processor(shape_change, str(tiny_model_dir))
         assert next(iter(shape_change)) in str(error.value)
 
 
@@ -417,6 +474,51 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_result(tiny_crohme, t
     assert summary["global_step"] == straight["global_step"] and summary["epochs"] == straight["epochs"]
     # Same data order, augmentation, dropout draws, optimizer and learning rate: the same weights.
     assert summary["weights_sha256_per_process"] == straight["weights_sha256_per_process"]
+
+
+# The last commit whose train.py had its own LR schedule and config parser (before issue 16).
+OLD_TRAIN_PY_COMMIT = "a0eeade"
+
+
+def _old_train_py(folder: Path) -> Path:
+    """train/ as it is now but with the train.py of OLD_TRAIN_PY_COMMIT, in `folder`; the script's path."""
+    try:
+        old = subprocess.run(["git", "show", f"{OLD_TRAIN_PY_COMMIT}:train/train.py"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"needs git and commit {OLD_TRAIN_PY_COMMIT} of this repository")
+    shutil.copytree(REPO_ROOT / "train", folder / "train", ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "train" / "train.py").write_text(old)
+    return folder / "train" / "train.py"
+
+
+@pytest.mark.slow
+def test_a_state_saved_by_the_old_train_py_resumes_at_the_same_learning_rate_and_result(tiny_crohme, tmp_path_factory):
+    """A run started by train.py before issue 16 (its own LRSchedule, hand-written config parser)
+    continues with this train.py: same steps, same learning rates, bit-identical weights."""
+    runs = tmp_path_factory.mktemp("old_state")
+    old_script = _old_train_py(runs / "old_code")
+    old_command = _train_command(1, tiny_crohme, runs / "old", "--save_every_steps", "4", "--keep_states", "100")
+    old_command[old_command.index(str(REPO_ROOT / "train/train.py"))] = str(old_script)
+    _run(old_command)  # the old code, uninterrupted, keeping every state it saves
+    old = _summary(runs / "old")
+
+    # The old run's state of step 8, continued by this train.py.
+    (runs / "new" / "state").mkdir(parents=True)
+    shutil.copytree(runs / "old" / "state" / "step_000000008", runs / "new" / "state" / "step_000000008")
+    resumed = _run(_train_command(1, tiny_crohme, runs / "new", "--save_every_steps", "4", "--resume"))
+    assert "resumed from" in resumed.stdout and "epoch 0, step 8," in resumed.stdout
+    new = _summary(runs / "new")
+    assert (new["global_step"], new["epochs"]) == (old["global_step"], old["epochs"])
+
+    def history(run: str) -> dict:
+        last_state = runs / run / "state" / f"step_{old['global_step']:09d}" / "custom_checkpoint_1.pkl"
+        return torch.load(last_state, weights_only=False)["history"]
+
+    old_history, new_history = history("old"), history("new")
+    assert new_history["step"] == old_history["step"] and max(new_history["step"]) > 8
+    assert new_history["lr"] == pytest.approx(old_history["lr"], rel=1e-12, abs=0)
+    assert new["weights_sha256_per_process"] == old["weights_sha256_per_process"]
 
 
 @pytest.mark.slow
@@ -585,12 +687,12 @@ def test_reproduce_command_drops_time_budget_and_resume_flags():
 
 
 def test_resuming_with_another_process_count_keeps_the_learning_rate_and_epoch_position():
-    from train.train import LRSchedule, TrainingProgress, resume_with_other_process_count
+    from train.train import TrainingProgress, resume_with_other_process_count
 
     def schedule_at(step, total):
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        schedule = LRSchedule(optimizer, "cosine", total_steps=total, warmup_steps=10, min_lr_ratio=0.0)
+        schedule = _lr_scheduler(_sgd(), total_steps=total, warmup_steps=10, min_lr_ratio=0.0)
         for _ in range(step):
+            schedule.optimizer.step()
             schedule.step()
         return schedule
 
@@ -602,7 +704,8 @@ def test_resuming_with_another_process_count_keeps_the_learning_rate_and_epoch_p
     moved = schedule_at(0, 6000)
     moved.load_state_dict(saved.state_dict())
     resume_with_other_process_count(progress, moved, saved=1, now=2)
-    assert moved.steps == 1500 and progress.chunks_in_epoch == 50 and progress.epoch == 3
+    assert moved.last_epoch == 1500 and progress.chunks_in_epoch == 50 and progress.epoch == 3
+    assert moved.optimizer.param_groups[0]["lr"] == moved.get_last_lr()[0]  # the optimizer runs at that rate
     assert moved.get_last_lr()[0] == pytest.approx(saved.get_last_lr()[0], rel=0.01)
 
 
