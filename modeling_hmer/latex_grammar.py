@@ -11,7 +11,8 @@ typeset it, and it is written the way `normalize` writes it:
 so braces balance, `^` and `_` are followed by a group (a subscript before a superscript, at most one of
 each per base), `\\frac` has two groups, `\\sqrt` its group and an optional non-empty `[index]`, and braces
 appear only as those groups (grouping-only braces are dropped by `normalize`). `[` and `]` are ordinary
-symbols outside a root index. Tokens `normalize` never writes (`\\limits`, `'`) and the special tokens are
+symbols outside a root index; inside one, outside braces, they may not appear, nor a root with an index (KaTeX
+ends the index at the first `]`). Tokens `normalize` never writes (`\\limits`, `'`) and the special tokens are
 not part of it.
 
 `LatexGrammar` reads a sequence token by token in either direction: left to right, or right to left (the
@@ -145,7 +146,7 @@ class LatexGrammar:
         frames, expect = state
         kind, scripts, empty = frames[-1]
         if expect == "sqrt":
-            if role == LBRACKET:
+            if role == LBRACKET and kind != "index":  # KaTeX ends an index at its first `]` outside braces
                 return (*frames, ("index", 0, True)), None
             return ((*frames, ("rad", 0, True)), None) if role == OPEN else None
         if expect is not None:
@@ -189,7 +190,7 @@ class LatexGrammar:
                 return (*outer, (kind, "sub", False)), None
             if role == SQRT:
                 return (*outer, (kind, "base", False)), None
-            if role == RBRACKET:
+            if role == RBRACKET and kind != "index":  # no index directly inside an index (KaTeX)
                 return (*frames, ("index", "base", True)), None
             if role == CLOSE:
                 return (*frames, ("num", "base", True)), None  # it was a denominator
