@@ -626,6 +626,17 @@ class HMERForConditionalGeneration(HMERPreTrainedModel, HMERGenerationMixin):
             decoder_start_token_id=config.decoder_start_token_id,
         )
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; a folder that carries its code (`register_for_auto_class`) also gets
+        the pipeline's (pipeline_hmer.py and what it imports), which its config.json names for `pipeline()`."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self._auto_class is not None:
+            from transformers.dynamic_module_utils import custom_object_save
+
+            from .pipeline_hmer import HMERImageToLatexPipeline
+
+            custom_object_save(HMERImageToLatexPipeline, save_directory)
+
     def get_encoder(self):
         return self.encoder
 
