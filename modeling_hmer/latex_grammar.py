@@ -24,6 +24,7 @@ sequence is about to reach `max_new_tokens`.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Mapping
 
 import torch
@@ -213,6 +214,12 @@ class LatexGrammar:
         return (*outer, (kind, "base", False)), None  # a symbol: a base
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_grammar(vocab_items: tuple, eos_token_id: int, reverse: bool) -> LatexGrammar:
+    """One grammar per vocabulary and direction, so its transitions and masks are computed once per process."""
+    return LatexGrammar(dict(vocab_items), eos_token_id, reverse)
+
+
 def _is_special(token: str) -> bool:
     return token.startswith("<") and token.endswith(">") and len(token) > 2
 
@@ -256,7 +263,8 @@ class LatexGrammarLogitsProcessor(LogitsProcessor):
         r2l_start_token_id: int | None = None,
         max_new_tokens: int | None = None,
     ):
-        self.grammars = (LatexGrammar(vocab, eos_token_id), LatexGrammar(vocab, eos_token_id, reverse=True))
+        key = tuple(sorted(vocab.items()))
+        self.grammars = (_shared_grammar(key, eos_token_id, False), _shared_grammar(key, eos_token_id, True))
         self.r2l_start_token_id = r2l_start_token_id
         self.max_new_tokens = max_new_tokens
         self._states: dict[tuple, tuple | None] = {}
