@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 
-__all__ = ["HMERImageProcessor", "BlankImageError", "InvalidImageError", "open_image"]
+__all__ = ["HMERImageProcessor", "BlankImageError", "ImageTooLargeError", "InvalidImageError", "open_image"]
 
 
 class InvalidImageError(ValueError):
@@ -45,6 +45,10 @@ class InvalidImageError(ValueError):
 
 class BlankImageError(InvalidImageError):
     """Raised when an image holds no ink (all one colour, too faint to read, or no pixels)."""
+
+
+class ImageTooLargeError(InvalidImageError):
+    """Raised by `open_image` for an image file over its `max_pixels` (checked before decoding)."""
 
 
 BLANK_MESSAGE = "The image is blank: draw or upload a handwritten expression"
@@ -123,7 +127,7 @@ def _decode(source, name: str, max_pixels: int | None, work_pixels: int | None) 
             with Image.open(source) as im:
                 width, height = im.size
                 if max_pixels is not None and width * height > max_pixels:
-                    raise InvalidImageError(
+                    raise ImageTooLargeError(
                         f"the image is {width}x{height} pixels, more than the {max_pixels / 1e6:.0f} megapixels "
                         "accepted here: scale it down"
                     )

@@ -11,7 +11,8 @@ Where the package is not installed, a saved model folder carries this file (its 
 
 Besides the pipeline, this module holds what every caller shares: `resolve_model` (which folder or Hub id a
 name means), `attention_heatmap` (one picture per attention map) and, from the image processor, `open_image`
-and the error type `InvalidImageError` (with `BlankImageError` for an image without ink).
+and the error type `InvalidImageError` (with its kinds `BlankImageError` for an image without ink and
+`ImageTooLargeError` for a file over `open_image`'s size limit).
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from transformers import AutoModelForImageTextToText, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_hmer import PIPELINE_TASK
-from .image_processing_hmer import BlankImageError, InvalidImageError, open_image
+from .image_processing_hmer import BlankImageError, ImageTooLargeError, InvalidImageError, open_image
 
 
 __all__ = [
     "BlankImageError",
     "HMERImageToLatexPipeline",
+    "ImageTooLargeError",
     "InvalidImageError",
     "ModelNotFoundError",
     "attention_heatmap",

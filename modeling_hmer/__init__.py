@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from .configuration_hmer import HMERConfig
-from .image_processing_hmer import BlankImageError, HMERImageProcessor, InvalidImageError, open_image
+from .image_processing_hmer import BlankImageError, HMERImageProcessor, ImageTooLargeError, InvalidImageError, open_image
 from .latex import normalize
 from .latex_grammar import LatexGrammarLogitsProcessor, is_well_formed
 from .modeling_hmer import HMERForConditionalGeneration, HMERPreTrainedModel
@@ -46,6 +46,7 @@ __all__ = [
     "HMERPreTrainedModel",
     "HMERProcessor",
     "HMERTokenizer",
+    "ImageTooLargeError",
     "InvalidImageError",
     "LatexGrammarLogitsProcessor",
     "ModelNotFoundError",

@@ -117,6 +117,8 @@ def open_image_file(path: str | os.PathLike) -> Image.Image:
     """Open an uploaded file, refusing non-images and huge images with a message; see `prepare_image`."""
     try:
         image = hmer.open_image(path, max_pixels=MAX_PIXELS, work_pixels=WORK_PIXELS)
+    except hmer.ImageTooLargeError as error:
+        raise UserInputError(f"{error} (this demo's limit)") from None
     except hmer.InvalidImageError as error:
         raise UserInputError(f"this file is not an image this demo can read: upload a PNG, JPEG or WebP "
                              f"picture ({error})") from None

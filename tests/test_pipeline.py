@@ -115,8 +115,11 @@ def test_open_image_limits_and_orientation(tmp_path):
 
     big = tmp_path / "big.png"
     Image.new("L", (3000, 2000), 255).save(big)
-    with pytest.raises(InvalidImageError, match="megapixels"):
+    from modeling_hmer.pipeline_hmer import ImageTooLargeError
+
+    with pytest.raises(ImageTooLargeError, match="megapixels"):
         open_image(big, max_pixels=5_000_000)
+    assert open_image(big, max_pixels=6_000_000).size == (3000, 2000)
     photo = Image.new("RGB", (60, 20), (255, 255, 255))
     exif = photo.getexif()
     exif[0x0112] = 6  # taken sideways: rotate 90 degrees to show it upright
