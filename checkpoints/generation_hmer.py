@@ -219,9 +219,12 @@ class HMERGenerationMixin(GenerationMixin):
         )
 
     def _logits_processors(self, gen, max_new_tokens, min_new_tokens, tokenizer, extra) -> LogitsProcessorList:
-        """pad and bos never; eos not before `min_new_tokens`; the LaTeX grammar; then the caller's own."""
+        """pad and bos never (the grammar, when on, forbids them too); eos not before `min_new_tokens`; the LaTeX
+        grammar; then the caller's own."""
         cfg = self.config
-        processors = LogitsProcessorList([SuppressTokensLogitsProcessor([cfg.pad_token_id, cfg.bos_token_id])])
+        processors = LogitsProcessorList()
+        if not gen.latex_grammar:
+            processors.append(SuppressTokensLogitsProcessor([cfg.pad_token_id, cfg.bos_token_id]))
         if min_new_tokens > 0:
             # input_ids start with the decoder start token: one "prompt" token to skip
             processors.append(MinNewTokensLengthLogitsProcessor(1, min_new_tokens, cfg.eos_token_id))
@@ -247,7 +250,10 @@ class HMERGenerationMixin(GenerationMixin):
     @staticmethod
     def _next_log_probs(logits: torch.Tensor, input_ids: torch.Tensor, processors) -> torch.Tensor:
         """(N, V) logits, (N, 1 + t) ids so far -> processed log-probs (forbidden tokens at -inf)."""
-        return processors(input_ids, torch.log_softmax(logits.float(), dim=-1))
+        scores = torch.log_softmax(logits.float(), dim=-1)
+        for processor in processors:  # what LogitsProcessorList does, without inspecting signatures every step
+            scores = processor(input_ids, scores)
+        return scores
 
     def _greedy_search(self, static, starts, output_attentions, max_new_tokens, processors) -> dict:
         """(N,) start tokens -> tokens (N, S) padded after eos, token_scores (N, S), lengths (N,), attentions.

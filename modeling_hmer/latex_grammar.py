@@ -77,6 +77,8 @@ class LatexGrammar:
         self.role = {i: names[i] for i in names if names[i] in (OPEN, CLOSE, SUB, SUP, FRAC, SQRT, LBRACKET, RBRACKET)}
         self._transitions: dict[tuple, tuple | None] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
+        self._costs: dict[tuple, int] = {}
+        self._closing_masks: dict[tuple, torch.Tensor] = {}
 
     # -------------------------------------------------------------------------------------------------------
     def start(self) -> tuple:
@@ -109,6 +111,21 @@ class LatexGrammar:
             self._masks[state] = mask
         return self._masks[state]
 
+    def allowed_within(self, state: tuple, left: int | None) -> torch.Tensor:
+        """(V,) bool: the tokens allowed after `state` when at most `left` tokens (this one included) remain:
+        only those after which the sequence can still be completed in time."""
+        # one token adds at most 4 to the closing cost (`\\frac`: `{ } { }`), so far from the limit all may come
+        if left is None or state is DONE or self.closing_cost(state) + 4 < left:
+            return self.allowed(state)
+        key = (state, left)
+        if key not in self._closing_masks:
+            mask = self.allowed(state).clone()
+            for token in mask.nonzero().flatten().tolist():
+                after = self.step(state, token)
+                mask[token] = after is DONE or self.closing_cost(after) <= left - 1
+            self._closing_masks[key] = mask
+        return self._closing_masks[key]
+
     def is_complete(self, state: tuple) -> bool:
         frames, expect = state
         return expect is None and len(frames) == 1
@@ -128,6 +145,11 @@ class LatexGrammar:
         """The fewest tokens (eos not counted) after which the sequence is complete."""
         if state is DONE:
             return 0
+        if state not in self._costs:
+            self._costs[state] = self._closing_cost(state)
+        return self._costs[state]
+
+    def _closing_cost(self, state: tuple) -> int:
         frames, expect = state
         if self.reverse:
             cost = {None: 0, "frac": 1, "sqrt": 1}.get(expect, 1)  # ("closed", ...): `\sqrt` always fits
@@ -280,24 +302,15 @@ class LatexGrammarLogitsProcessor(LogitsProcessor):
         return state
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        rows = input_ids.tolist()
         left = None if self.max_new_tokens is None else self.max_new_tokens - (input_ids.shape[1] - 1)
         masks = []
-        for row in rows:
+        for row in input_ids.tolist():
             prefix = tuple(row)
-            grammar = self.grammars[prefix[0] == self.r2l_start_token_id]
             state = self._state(prefix)
             if state is None:  # a prefix from outside this processor (not grammatical): leave it alone
                 masks.append(torch.ones(scores.shape[1], dtype=torch.bool))
                 continue
-            mask = grammar.allowed(state)
-            # near the limit (each open frame needs at most 4 tokens), keep only tokens that can still close
-            if left is not None and state is not DONE and 4 * len(state[0]) + 4 >= left:
-                mask = mask.clone()
-                for token in mask.nonzero().flatten().tolist():
-                    after = grammar.step(state, token)
-                    mask[token] = after is DONE or grammar.closing_cost(after) <= left - 1
-            masks.append(mask)
+            masks.append(self.grammars[prefix[0] == self.r2l_start_token_id].allowed_within(state, left))
         allowed = torch.stack(masks).to(scores.device)
         if allowed.shape[1] < scores.shape[1]:  # a head wider than the vocabulary: the extra ids are not tokens
             allowed = torch.nn.functional.pad(allowed, (0, scores.shape[1] - allowed.shape[1]))

@@ -211,7 +211,8 @@ def hub_and_remote(tiny_model_dir, tmp_path_factory):
             """
         )
         (work / "a").mkdir()
-        with_package = _run_python(READ + push, work / "a", hub_env)
+        # this checkout's package (not whichever one is pip-installed)
+        with_package = _run_python(READ + push, work / "a", {**hub_env, "PYTHONPATH": REPO_ROOT})
         (work / "b").mkdir()
         remote = textwrap.dedent(
             f"""
