@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup browser demo predict test bench clean
+.PHONY: setup browser demo predict test bench checkpoint-code clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: setup browser
 
 bench: setup
 	$(BIN)/python -m train.bench
+
+# checkpoints/*.py are what trust_remote_code runs: copy them from modeling_hmer/ the way save_pretrained does
+# (tests/test_checkpoint.py fails when they differ).
+checkpoint-code: setup
+	$(BIN)/python -m modeling_hmer.checkpoint_code checkpoints
 
 clean:
 	rm -rf $(VENV) .pytest_cache

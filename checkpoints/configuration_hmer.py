@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 from transformers import PretrainedConfig
+
+# The pipeline a saved folder names in its config.json (`custom_pipelines`), so that transformers' `pipeline()`
+# finds it with trust_remote_code=True where this package is not installed (see pipeline_hmer.py).
+PIPELINE_TASK = "image-to-latex"
+SAVED_PIPELINE = {"impl": "pipeline_hmer.HMERImageToLatexPipeline", "pt": ["AutoModelForImageTextToText"], "type": "image"}
 
 # DWAP / BTTR / CoMER's DenseNet-B: 684 channels at stride 16, about 3.0M parameters.
 # densenet121 is torchvision's ImageNet DenseNet (the original project's encoder): 1024 channels at stride 32.
@@ -166,6 +173,7 @@ class HMERConfig(PretrainedConfig):
             raise ValueError(f"embedding_size must be even (maxout of 2), got {self.embedding_size}.")
 
         kwargs.pop("is_encoder_decoder", None)
+        kwargs.pop("custom_pipelines", None)  # always this model's own, see `custom_pipelines` below
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -174,6 +182,28 @@ class HMERConfig(PretrainedConfig):
             is_encoder_decoder=True,
             **kwargs,
         )
+
+    @property
+    def custom_pipelines(self) -> dict:
+        """The pipeline `transformers.pipeline()` should load this model's code for, none when it is registered.
+
+        transformers prefers a config's `custom_pipelines` to its registered tasks and then demands
+        trust_remote_code; where the HMER pipeline is already registered (the package, or the folder's code, is
+        imported), `pipeline("image-to-latex", model=folder)` must use that. config.json always names it (`to_dict`).
+        """
+        registry = getattr(sys.modules.get("transformers.pipelines"), "PIPELINE_REGISTRY", None)
+        if registry is not None and PIPELINE_TASK in registry.supported_tasks:
+            return {}
+        return {PIPELINE_TASK: dict(SAVED_PIPELINE)}
+
+    @custom_pipelines.setter
+    def custom_pipelines(self, value) -> None:
+        pass  # `Pipeline.save_pretrained` sets it; what is saved is always this model's pipeline
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output["custom_pipelines"] = {PIPELINE_TASK: dict(SAVED_PIPELINE)}
+        return output
 
     @property
     def encoder_stride(self) -> int:

@@ -8,13 +8,11 @@ token; the model builds its decoder inputs by shifting them right behind `decode
 transformer decoder also trains right-to-left: its inputs start with `r2l_start_token_id` (eos by default) and
 its targets are the reversed tokens followed by eos.
 
-`generate` returns sequences WITHOUT the start token: the generated tokens, the eos that ended them, then
-`pad_token_id`; `attentions[i]` has one map per token of `sequences[i]` up to and including eos.
+The search (`generate`: greedy, beam, bidirectional re-scoring) is `generation_hmer.HMERGenerationMixin`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -23,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import DenseNet
 from torchvision.models.densenet import _DenseBlock, _Transition
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_hmer import HMERConfig
+from .generation_hmer import HMERGenerateOutput, HMERGenerationMixin, index_batch, reverse_labels, shift_tokens_right
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
     from transformers import initialization as init
@@ -56,65 +55,8 @@ class HMERSeq2SeqLMOutput(ModelOutput):
     feature_mask: torch.BoolTensor | None = None
 
 
-@dataclass
-class HMERGenerateOutput(ModelOutput):
-    """
-    Output of [`HMERForConditionalGeneration.generate`] with `return_dict_in_generate=True`.
-
-    Args:
-        sequences (`torch.LongTensor` of shape `(B * num_return_sequences, S)`): generated ids without the start
-            token: tokens, the eos that ended them, then pad. Rows of one image are consecutive, best first.
-        sequences_scores (`torch.FloatTensor` of shape `(B * num_return_sequences,)`): sum of token log-probs
-            divided by length ** length_penalty (length counts the eos). With bidirectional re-scoring: the mean
-            of the left-to-right and right-to-left sums, so divided the same way.
-        scores (`torch.FloatTensor` of shape `(B * num_return_sequences, S)`, *optional*): left-to-right
-            log-probability of each token of `sequences` (0 on padding). Returned with `output_scores=True`.
-        attentions (`tuple` of `torch.FloatTensor`, *optional*): one tensor per row of `sequences`, of shape
-            `(length, h_i, w_i)`: for each token up to and including eos, its attention over the feature cells
-            of its image (padding cropped away; each map sums to 1). Returned with `output_attentions=True`.
-    """
-
-    sequences: torch.LongTensor | None = None
-    sequences_scores: torch.FloatTensor | None = None
-    scores: torch.FloatTensor | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def shift_tokens_right(labels: torch.Tensor, start_token_id: int, pad_token_id: int) -> torch.Tensor:
-    """(B, T) labels (-100 = ignore) -> (B, T) decoder inputs: the start token, then labels[:, :-1]."""
-    inputs = labels.new_full(labels.shape, pad_token_id)
-    inputs[:, 1:] = labels[:, :-1]
-    inputs[:, 0] = start_token_id
-    return inputs.masked_fill(inputs == -100, pad_token_id)
-
-
-def reverse_labels(labels: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """
-    (B, T) left-to-right labels -> (B, T) right-to-left labels: in each row the tokens before eos reversed, then
-    the eos (when the row had one), then -100. `[5, 6, 7, eos, -100]` -> `[7, 6, 5, eos, -100]`.
-    """
-    valid = labels != -100
-    length = valid.sum(1)  # (B,)
-    last = labels.gather(1, (length - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-    content = length - ((last == eos_token_id) & (length > 0)).long()  # tokens before the eos
-    pos = torch.arange(labels.shape[1], device=labels.device).unsqueeze(0)
-    source = torch.where(pos < content.unsqueeze(1), content.unsqueeze(1) - 1 - pos, pos)
-    return labels.gather(1, source)
-
-
-def _index_batch(obj, index: torch.Tensor):
-    """Select rows `index` along dim 0 of every tensor in a (nested) dict / list / tuple."""
-    if isinstance(obj, torch.Tensor):
-        return obj.index_select(0, index)
-    if isinstance(obj, dict):
-        return {key: _index_batch(value, index) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_index_batch(value, index) for value in obj)
-    return obj
 
 
 def _sine_frequencies(num: int, device) -> torch.Tensor:
@@ -329,7 +271,7 @@ class HMERGRUDecoder(nn.Module):
 
     @staticmethod
     def reorder_state(state: dict, index: torch.Tensor) -> dict:
-        return _index_batch(state, index)
+        return index_batch(state, index)
 
     def _recurrence(self, embedded: torch.Tensor, static: dict, state: dict):
         """
@@ -575,7 +517,7 @@ class HMERTransformerDecoder(nn.Module):
 
     @staticmethod
     def reorder_state(state: dict, index: torch.Tensor) -> dict:
-        return _index_batch(state, index)
+        return index_batch(state, index)
 
     def step(self, input_ids: torch.Tensor, static: dict, state: dict):
         """(N,) previous tokens, N = B * K -> logits (N, V), attention (N, L), next state."""
@@ -645,15 +587,16 @@ class HMERPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.num_batches_tracked)
 
 
-class HMERForConditionalGeneration(HMERPreTrainedModel, GenerationMixin):
+class HMERForConditionalGeneration(HMERPreTrainedModel, HMERGenerationMixin):
     """
     Image of a handwritten expression -> LaTeX token ids.
 
     Inputs: `pixel_values` (B, 1, H, W) float, ink 1.0 on background 0.0; `pixel_mask` (B, H, W), 1 on the image
     and 0 on padding (a top-left rectangle per image), as made by `HMERImageProcessor`.
 
-    `generate` is this model's own (greedy, batched beam search, bidirectional re-scoring for the transformer);
-    its defaults come from `self.generation_config`, saved beside the weights as generation_config.json.
+    `generate` is this model's own (`generation_hmer.HMERGenerationMixin`: greedy, batched beam search, bidirectional
+    re-scoring for the transformer, LaTeX grammar); its defaults come from `self.generation_config`, saved beside the
+    weights as generation_config.json.
     """
 
     def __init__(self, config: HMERConfig):
@@ -668,18 +611,31 @@ class HMERForConditionalGeneration(HMERPreTrainedModel, GenerationMixin):
 
     @staticmethod
     def default_generation_config(config: HMERConfig) -> GenerationConfig:
-        """Greedy decoding of up to 200 tokens; `bidirectional_rescoring` applies to transformer beam search."""
+        """Greedy decoding of up to 200 tokens of well-formed LaTeX; `bidirectional_rescoring` applies to transformer
+        beam search."""
         return GenerationConfig(
             num_beams=1,
             max_new_tokens=200,
             length_penalty=1.0,
             num_return_sequences=1,
             bidirectional_rescoring=config.decoder_type == "transformer" and config.bidirectional,
+            latex_grammar=True,
             bos_token_id=config.bos_token_id,
             eos_token_id=config.eos_token_id,
             pad_token_id=config.pad_token_id,
             decoder_start_token_id=config.decoder_start_token_id,
         )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; a folder that carries its code (`register_for_auto_class`) also gets
+        the pipeline's (pipeline_hmer.py and what it imports), which its config.json names for `pipeline()`."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self._auto_class is not None:
+            from transformers.dynamic_module_utils import custom_object_save
+
+            from .pipeline_hmer import HMERImageToLatexPipeline
+
+            custom_object_save(HMERImageToLatexPipeline, save_directory)
 
     def get_encoder(self):
         return self.encoder
@@ -752,7 +708,7 @@ class HMERForConditionalGeneration(HMERPreTrainedModel, GenerationMixin):
             r2l_labels = reverse_labels(labels, cfg.eos_token_id)
             r2l_inputs = shift_tokens_right(r2l_labels, cfg.r2l_start_token_id, cfg.pad_token_id)
             index = torch.arange(batch, device=features.device).repeat(2)
-            logits, attn = self.decoder(_index_batch(static, index), torch.cat([decoder_input_ids, r2l_inputs]))
+            logits, attn = self.decoder(index_batch(static, index), torch.cat([decoder_input_ids, r2l_inputs]))
             targets = torch.cat([labels, r2l_labels])
         else:
             logits, attn = self.decoder(static, decoder_input_ids)
@@ -777,323 +733,10 @@ class HMERForConditionalGeneration(HMERPreTrainedModel, GenerationMixin):
             feature_mask=feature_mask,
         )
 
-    # ------------------------------------------------------------------------------------------------------------
-    # generation
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        pixel_values: torch.Tensor,
-        pixel_mask: torch.Tensor | None = None,
-        generation_config: GenerationConfig | None = None,
-        num_beams: int | None = None,
-        max_new_tokens: int | None = None,
-        min_new_tokens: int | None = None,
-        num_return_sequences: int | None = None,
-        output_attentions: bool | None = None,
-        output_scores: bool | None = None,
-        return_dict_in_generate: bool | None = None,
-        length_penalty: float | None = None,
-        bidirectional_rescoring: bool | None = None,
-        **kwargs,
-    ) -> torch.LongTensor | HMERGenerateOutput:
-        """
-        Read images: greedy search (`num_beams=1`) or beam search, all beams of all images decoded as one batch.
-        Unset arguments come from `generation_config` (default `self.generation_config`).
-
-        Args:
-            pixel_values (`(B, 1, H, W)` float), pixel_mask (`(B, H, W)`, *optional*): as in `forward`.
-            num_beams (`int`): 1 = greedy.
-            max_new_tokens (`int`): most tokens per sequence, eos included.
-            min_new_tokens (`int`, *optional*): eos is forbidden before this many tokens (for benchmarks).
-            num_return_sequences (`int`): sequences per image, best first (at most `num_beams`).
-            output_attentions (`bool`): return one attention map per token (see `HMERGenerateOutput`).
-            output_scores (`bool`): return the per-token log-probabilities.
-            return_dict_in_generate (`bool`): return a `HMERGenerateOutput` instead of the ids alone. Implied by
-                `output_attentions` or `output_scores`.
-            length_penalty (`float`): final scores are log-prob sums divided by length ** length_penalty.
-            bidirectional_rescoring (`bool`): transformer beam search only: search left-to-right and right-to-left,
-                then score every candidate in both directions and keep the best by the mean of the two sums.
-
-        Returns:
-            `(B * num_return_sequences, S)` ids without the start token (tokens, eos, then pad), or
-            [`HMERGenerateOutput`].
-        """
-        gen = generation_config if generation_config is not None else self.generation_config
-        for key, value in kwargs.items():  # accept HF's no-op flags, refuse what this generate cannot do
-            if key == "do_sample" and not value or key in ("use_cache", "early_stopping"):
-                continue
-            raise TypeError(f"generate() got an unsupported argument {key!r}={value!r}.")
-
-        def pick(value, name, default):
-            if value is not None:
-                return value
-            value = getattr(gen, name, None)
-            return default if value is None else value
-
-        num_beams = int(pick(num_beams, "num_beams", 1))
-        max_new_tokens = int(pick(max_new_tokens, "max_new_tokens", 200))
-        min_new_tokens = int(pick(min_new_tokens, "min_new_tokens", 0))
-        num_return_sequences = int(pick(num_return_sequences, "num_return_sequences", 1))
-        output_attentions = bool(pick(output_attentions, "output_attentions", False))
-        output_scores = bool(pick(output_scores, "output_scores", False))
-        return_dict = bool(pick(return_dict_in_generate, "return_dict_in_generate", False))
-        return_dict = return_dict or output_attentions or output_scores
-        length_penalty = float(pick(length_penalty, "length_penalty", 1.0))
-        bidirectional = bool(pick(bidirectional_rescoring, "bidirectional_rescoring", False))
-        bidirectional = bidirectional and self.config.decoder_type == "transformer" and num_beams > 1
-        if num_beams < 1 or max_new_tokens < 1:
-            raise ValueError(f"num_beams and max_new_tokens must be >= 1, got {num_beams} and {max_new_tokens}.")
-        if not 1 <= num_return_sequences <= num_beams:
-            raise ValueError(
-                f"num_return_sequences ({num_return_sequences}) must be between 1 and num_beams ({num_beams})."
-            )
-
-        features, feature_mask = self.encode(pixel_values, pixel_mask)
-        batch = features.shape[0]
-        starts = torch.full((batch,), self.config.decoder_start_token_id, device=features.device)
-        settings = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens}
-        decoding = contextlib.nullcontext()
-        if features.device.type == "cpu" and torch.is_autocast_enabled("cpu") and batch * num_beams <= 2:
-            # a step over one or two rows costs per-op overhead, not arithmetic; bf16 casts only add to it
-            decoding = torch.autocast("cpu", enabled=False)
-            features = features.float()
-
-        with decoding:
-            static = self.decoder.prepare(features, feature_mask)
-            if bidirectional:
-                result = self._bidirectional_beam_search(
-                    static, num_beams, num_return_sequences, length_penalty, settings
-                )
-            elif num_beams == 1:
-                result = self._greedy_search(static, starts, output_attentions, **settings)
-                result["scores"] = result["token_scores"].sum(1) / result["lengths"].clamp(min=1) ** length_penalty
-            else:
-                result = self._beam_search(static, starts, num_beams, output_attentions, **settings)
-                result = self._select(result, batch, num_beams, num_return_sequences, length_penalty)
-
-        lengths = result["lengths"]
-        longest = max(int(lengths.max()), 1)
-        sequences = result["tokens"][:, :longest]
-        if not return_dict:
-            return sequences
-        attentions = None
-        if output_attentions:
-            sizes = torch.stack([feature_mask.any(2).sum(1), feature_mask.any(1).sum(1)], 1).tolist()
-            maps = result["attentions"].unflatten(-1, static["shape"])
-            attentions = tuple(
-                maps[i, : int(lengths[i]), : sizes[i // num_return_sequences][0], : sizes[i // num_return_sequences][1]]
-                for i in range(maps.shape[0])
-            )
-        return HMERGenerateOutput(
-            sequences=sequences,
-            sequences_scores=result["scores"],
-            scores=result["token_scores"][:, :longest] if output_scores else None,
-            attentions=attentions,
-        )
-
-    def _next_log_probs(self, logits: torch.Tensor, step: int, min_new_tokens: int) -> torch.Tensor:
-        """(N, V) logits -> log-probs with pad and bos forbidden (and eos before `min_new_tokens`)."""
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        banned = [self.config.pad_token_id, self.config.bos_token_id]
-        if step < min_new_tokens:
-            banned.append(self.config.eos_token_id)
-        logp[:, banned] = float("-inf")
-        return logp
-
-    def _greedy_search(self, static, starts, output_attentions, max_new_tokens, min_new_tokens) -> dict:
-        """(N,) start tokens -> tokens (N, S) padded after eos, token_scores (N, S), lengths (N,), attentions.
-
-        A row that emitted eos leaves the batch, so the steps after it cost only the rows still decoding.
-        """
-        eos, pad = self.config.eos_token_id, self.config.pad_token_id
-        rows = starts.shape[0]
-        state = self.decoder.init_state(static)
-        tokens = starts
-        alive = torch.arange(rows, device=starts.device)  # the batch rows still decoding
-        out_tokens = starts.new_full((rows, max_new_tokens), pad)
-        out_scores = torch.zeros(rows, max_new_tokens, device=starts.device)
-        out_attn = None
-        for t in range(max_new_tokens):
-            logits, attn, state = self.decoder.step(tokens, static, state)
-            score, tokens = self._next_log_probs(logits, t, min_new_tokens).max(-1)
-            out_tokens[alive, t] = tokens
-            out_scores[alive, t] = score
-            if output_attentions:
-                if out_attn is None:
-                    out_attn = torch.zeros(rows, max_new_tokens, attn.shape[-1], device=attn.device)
-                out_attn[alive, t] = attn.float()
-            steps = t + 1
-            running = tokens != eos
-            if not bool(running.any()):
-                break
-            if not bool(running.all()):
-                keep = running.nonzero().squeeze(1)
-                alive, tokens = alive[keep], tokens[keep]
-                state = self.decoder.reorder_state(state, keep)
-                static = _index_batch(static, keep)
-        result = {"tokens": out_tokens[:, :steps], "token_scores": out_scores[:, :steps]}
-        result["lengths"] = (result["tokens"] != pad).sum(1)
-        result["attentions"] = out_attn[:, :steps] if output_attentions else None
-        return result
-
-    def _beam_search(self, static, starts, num_beams, output_attentions, max_new_tokens, min_new_tokens) -> dict:
-        """
-        Batched beam search over G groups (images, or image x direction) with K = num_beams.
-
-        A beam that emitted eos stays in the beam with its score frozen (it can only be extended by pad at no
-        cost), so all K rows of a group advance together with no per-group bookkeeping; a group whose K rows
-        have all finished leaves the batch, and the search stops when no group is left. Returns tokens
-        (G*K, S), token_scores (G*K, S), total log-prob sums `sums` (G*K,), lengths (G*K,) and attentions
-        (G*K, S, L) or None, rows of a group in beam order.
-        """
-        eos, pad = self.config.eos_token_id, self.config.pad_token_id
-        groups, k = starts.shape[0], num_beams
-        rows = groups * k
-        device = starts.device
-        state = self.decoder.init_state(static, num_beams=k)  # beams share the per-image tensors
-        tokens = starts.repeat_interleave(k)
-        sums = torch.zeros(groups, k, device=device)
-        sums[:, 1:] = float("-inf")  # all beams start identical: keep one
-        sums = sums.view(rows)
-        final_sums = sums.clone()
-        finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        alive = torch.arange(rows, device=device)  # batch rows (global ids) of the groups still searching
-        frozen = None
-        history = []  # per step, over all G*K rows: tokens, token log-probs, parent rows, attentions of the parents
-        for t in range(max_new_tokens):
-            logits, attn, state = self.decoder.step(tokens, static, state)
-            logp = self._next_log_probs(logits, t, min_new_tokens)
-            if frozen is None:
-                frozen = torch.full_like(logp[0], float("-inf"))
-                frozen[pad] = 0.0
-            logp = torch.where(finished.unsqueeze(1), frozen, logp)
-            live_groups, vocab = alive.shape[0] // k, logp.shape[1]
-            candidates = (sums.unsqueeze(1) + logp).view(live_groups, k * vocab)
-            top, index = candidates.topk(k, dim=1)
-            offsets = (torch.arange(live_groups, device=device) * k).unsqueeze(1)
-            parents = (index // vocab + offsets).view(-1)  # local rows
-            tokens = (index % vocab).view(-1)
-            # every row of the full batch gets an entry; rows of finished groups keep padding from themselves
-            step_tokens = torch.full((rows,), pad, dtype=tokens.dtype, device=device)
-            step_scores = torch.zeros(rows, device=device)
-            step_parents = torch.arange(rows, device=device)
-            step_tokens[alive], step_scores[alive], step_parents[alive] = tokens, logp[parents, tokens], alive[parents]
-            step_attn = None
-            if output_attentions:
-                step_attn = torch.zeros(rows, attn.shape[-1], device=device)
-                step_attn[alive] = attn.float()
-            history.append((step_tokens, step_scores, step_parents, step_attn))
-            state = self.decoder.reorder_state(state, parents)
-            finished = finished.index_select(0, parents) | (tokens == eos)
-            sums = top.view(-1)
-            final_sums[alive] = sums
-            searching = ~finished.view(live_groups, k).all(1)  # groups with a beam still running
-            if not bool(searching.any()):
-                break
-            if not bool(searching.all()):
-                keep_groups = searching.nonzero().squeeze(1)
-                keep = (keep_groups.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
-                alive, tokens, sums, finished = alive[keep], tokens[keep], sums[keep], finished[keep]
-                state = self.decoder.reorder_state(state, keep)
-                static = _index_batch(static, keep_groups)
-        # follow the parent pointers back from the final rows
-        row = torch.arange(rows, device=device)
-        out_tokens, out_scores, out_attn = [], [], []
-        for step_tokens, step_scores, parents, step_attn in reversed(history):
-            out_tokens.append(step_tokens[row])
-            out_scores.append(step_scores[row])
-            row = parents[row]
-            if output_attentions:
-                out_attn.append(step_attn[row])
-        result = {
-            "tokens": torch.stack(out_tokens[::-1], 1),
-            "token_scores": torch.stack(out_scores[::-1], 1),
-            "sums": final_sums,
-        }
-        result["lengths"] = (result["tokens"] != pad).sum(1)
-        result["attentions"] = torch.stack(out_attn[::-1], 1) if output_attentions else None
-        return result
-
-    @staticmethod
-    def _select(result: dict, groups: int, num_beams: int, keep: int, length_penalty: float) -> dict:
-        """Rank each group's beams by length-normalized score and keep the best `keep`."""
-        scores = (result["sums"] / result["lengths"].clamp(min=1).float() ** length_penalty).view(groups, num_beams)
-        best = scores.topk(keep, dim=1).indices
-        rows = (best + torch.arange(groups, device=best.device).unsqueeze(1) * num_beams).view(-1)
-        selected = {key: value[rows] for key, value in result.items() if isinstance(value, torch.Tensor)}
-        selected["scores"] = scores.view(-1)[rows]
-        selected.setdefault("attentions", None)
-        return selected
-
-    def _bidirectional_beam_search(self, static, num_beams, keep, length_penalty, settings) -> dict:
-        """
-        BTTR's bidirectional decoding: beam search left-to-right and right-to-left (one batch of 2B groups),
-        turn the right-to-left candidates around, score all 2K candidates of each image with teacher forcing in
-        both directions (one batch), and keep the best distinct ones by (sum_l2r + sum_r2l) / 2 / len ** penalty.
-        Token scores and attention maps are the left-to-right pass's.
-        """
-        cfg = self.config
-        eos, pad = cfg.eos_token_id, cfg.pad_token_id
-        mask_bias = static["mask_bias"]
-        batch, device = mask_bias.shape[0], mask_bias.device
-        starts = torch.tensor([cfg.decoder_start_token_id, cfg.r2l_start_token_id], device=device)
-        starts = starts.repeat_interleave(batch)  # groups 0 .. B-1 left-to-right, B .. 2B-1 right-to-left
-        images = torch.arange(batch, device=device).repeat(2)
-        found = self._beam_search(_index_batch(static, images), starts, num_beams, False, **settings)
-
-        # candidates as left-to-right labels (2B*K, S): -100 after the sequence
-        labels = found["tokens"].masked_fill(found["tokens"] == pad, -100)
-        r2l_rows = torch.arange(labels.shape[0], device=device) >= batch * num_beams
-        labels = torch.where(r2l_rows.unsqueeze(1), reverse_labels(labels, eos), labels)
-        r2l_labels = reverse_labels(labels, eos)
-        count = labels.shape[0]
-        candidate_images = images.repeat_interleave(num_beams)
-        inputs = torch.cat(
-            [
-                shift_tokens_right(labels, cfg.decoder_start_token_id, pad),
-                shift_tokens_right(r2l_labels, cfg.r2l_start_token_id, pad),
-            ]
-        )
-        logits, attn = self.decoder(_index_batch(static, candidate_images.repeat(2)), inputs)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        targets = torch.cat([labels, r2l_labels])
-        token_logp = logp.gather(2, targets.clamp(min=0).unsqueeze(2)).squeeze(2).masked_fill(targets == -100, 0.0)
-        lengths = (labels != -100).sum(1)
-        total = (token_logp[:count].sum(1) + token_logp[count:].sum(1)) / 2
-        scores = total / lengths.clamp(min=1).float() ** length_penalty
-
-        # per image: best distinct candidates among its K left-to-right and K right-to-left ones
-        scores_list = scores.tolist()
-        label_rows = labels.tolist()
-        chosen = []
-        for b in range(batch):
-            rows = list(range(b * num_beams, (b + 1) * num_beams))
-            rows += list(range((batch + b) * num_beams, (batch + b + 1) * num_beams))
-            rows.sort(key=lambda r: -scores_list[r])
-            seen, picked = set(), []
-            for r in rows:
-                key = tuple(label_rows[r])
-                if key not in seen:
-                    seen.add(key)
-                    picked.append(r)
-                if len(picked) == keep:
-                    break
-            chosen.extend(picked)
-        rows = torch.tensor(chosen, device=device)
-        tokens = labels[rows].masked_fill(labels[rows] == -100, pad)
-        return {
-            "tokens": tokens,
-            "token_scores": token_logp[rows],
-            "lengths": lengths[rows],
-            "scores": scores[rows],
-            "attentions": attn[rows].float(),
-        }
-
 
 __all__ = [
+    "HMERGenerateOutput",
     "HMERForConditionalGeneration",
     "HMERPreTrainedModel",
     "HMERSeq2SeqLMOutput",
-    "HMERGenerateOutput",
 ]

@@ -11,6 +11,11 @@ folder loads with `trust_remote_code=True` where this package is not installed.
     >>> model = HMERForConditionalGeneration.from_pretrained("checkpoints")
     >>> inputs = processor(images=image)
     >>> processor.batch_decode(model.generate(**inputs, num_beams=10))
+
+It also registers the `"image-to-latex"` pipeline (`HMERImageToLatexPipeline`):
+
+    >>> from transformers import pipeline
+    >>> pipeline("image-to-latex", model="checkpoints")("drawing.png", num_beams=5)["latex"]
 """
 
 from transformers import (
@@ -23,9 +28,11 @@ from transformers import (
 )
 
 from .configuration_hmer import HMERConfig
-from .image_processing_hmer import BlankImageError, HMERImageProcessor
+from .image_processing_hmer import BlankImageError, HMERImageProcessor, ImageTooLargeError, InvalidImageError, open_image
 from .latex import normalize
+from .latex_grammar import LatexGrammarLogitsProcessor, is_well_formed
 from .modeling_hmer import HMERForConditionalGeneration, HMERPreTrainedModel
+from .pipeline_hmer import HMERImageToLatexPipeline, ModelNotFoundError, attention_heatmap, resolve_model
 from .processing_hmer import HMERProcessor
 from .tokenization_hmer import HMERTokenizer
 
@@ -35,10 +42,19 @@ __all__ = [
     "HMERConfig",
     "HMERForConditionalGeneration",
     "HMERImageProcessor",
+    "HMERImageToLatexPipeline",
     "HMERPreTrainedModel",
     "HMERProcessor",
     "HMERTokenizer",
+    "ImageTooLargeError",
+    "InvalidImageError",
+    "LatexGrammarLogitsProcessor",
+    "ModelNotFoundError",
+    "attention_heatmap",
+    "is_well_formed",
     "normalize",
+    "open_image",
+    "resolve_model",
 ]
 
 # exist_ok: the package may be imported twice under different names (e.g. remote-code copies).

@@ -20,22 +20,35 @@ training render passes through (nearly) unchanged: training and inference see th
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 
-__all__ = ["HMERImageProcessor", "BlankImageError"]
+__all__ = ["HMERImageProcessor", "BlankImageError", "ImageTooLargeError", "InvalidImageError", "open_image"]
 
 
-class BlankImageError(ValueError):
-    """Raised when an image holds no ink (all one colour, or too faint to read)."""
+class InvalidImageError(ValueError):
+    """An input that is not an image HMER can read: not an image file, a missing file, a bad array, no ink.
+
+    Its message says what is wrong and can be shown to a user as is; catch this type, not the message text.
+    """
+
+
+class BlankImageError(InvalidImageError):
+    """Raised when an image holds no ink (all one colour, too faint to read, or no pixels)."""
+
+
+class ImageTooLargeError(InvalidImageError):
+    """Raised by `open_image` for an image file over its `max_pixels` (checked before decoding)."""
 
 
 BLANK_MESSAGE = "The image is blank: draw or upload a handwritten expression"
@@ -49,7 +62,7 @@ def _pil_from_array(arr: np.ndarray) -> Image.Image:
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (2, 3, 4)):
-        raise ValueError(
+        raise InvalidImageError(
             f"cannot read an image from an array of shape {tuple(arr.shape)}: expected (H, W), "
             "(H, W, C) or (C, H, W) with 1 to 4 channels"
         )
@@ -61,7 +74,7 @@ def _pil_from_array(arr: np.ndarray) -> Image.Image:
         floating = np.issubdtype(arr.dtype, np.floating)
         arr = arr.astype(np.float32)
         if not np.isfinite(arr).all():
-            raise ValueError("the image contains NaN or infinite values")
+            raise InvalidImageError("the image contains NaN or infinite values")
         if floating and arr.max() <= 1.0 and arr.min() >= 0.0:
             arr = arr * 255.0  # float images in [0, 1]
         elif arr.max() > 255.0:
@@ -75,18 +88,14 @@ def _pil_from_array(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def _as_pil(image: Any) -> Image.Image:
-    """Any supported single image -> PIL image."""
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im
-        except FileNotFoundError:
-            raise
-        except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
-            raise ValueError(f"{path}: not an image file PIL can read ({err})") from None
+def open_image(image: Any, max_pixels: int | None = None, work_pixels: int | None = None) -> Image.Image:
+    """Any single image -> PIL image: a file path, the bytes of an image file (or a binary file object), a PIL
+    image, a numpy array ((H, W), (H, W, C) or (C, H, W)) or a torch tensor.
+
+    Files are decoded only after their size is read: one over `max_pixels` is refused, and a JPEG over
+    `work_pixels` is decoded at a reduced scale directly. Photos are turned upright (EXIF orientation).
+    Raises `InvalidImageError` with a message for a missing file or anything that is not a readable image.
+    """
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, torch.Tensor):
@@ -96,9 +105,41 @@ def _as_pil(image: Any) -> Image.Image:
         image = image.numpy()
     if isinstance(image, np.ndarray):
         return _pil_from_array(image)
-    raise TypeError(
-        f"unsupported image type {type(image).__name__}: give a PIL image, a numpy array, a torch tensor or a file path"
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(image), "the image data", max_pixels, work_pixels)
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise InvalidImageError("file not found" if not os.path.exists(path) else f"{path} is not a file")
+        return _decode(path, path, max_pixels, work_pixels)
+    if hasattr(image, "read"):
+        return _decode(image, getattr(image, "name", "the file"), max_pixels, work_pixels)
+    raise InvalidImageError(
+        f"unsupported image type {type(image).__name__}: give a file path, image file bytes, a PIL image, a numpy "
+        "array or a torch tensor"
     )
+
+
+def _decode(source, name: str, max_pixels: int | None, work_pixels: int | None) -> Image.Image:
+    try:
+        with warnings.catch_warnings():  # the size is checked here, before decoding
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as im:
+                width, height = im.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageTooLargeError(
+                        f"the image is {width}x{height} pixels, more than the {max_pixels / 1e6:.0f} megapixels "
+                        "accepted here: scale it down"
+                    )
+                if work_pixels is not None and im.format == "JPEG" and width * height > work_pixels:
+                    scale = (work_pixels / (width * height)) ** 0.5
+                    im.draft(im.mode, (int(width * scale) + 1, int(height * scale) + 1))
+                im.load()
+                return ImageOps.exif_transpose(im)
+    except InvalidImageError:
+        raise
+    except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError...
+        raise InvalidImageError(f"{name}: not an image file PIL can read ({type(err).__name__}: {err})") from None
 
 
 def _gray_alpha(image: Image.Image, max_input_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -363,7 +404,7 @@ class HMERImageProcessor(BaseImageProcessor):
     def ink_map(self, image: Any) -> np.ndarray:
         """One image -> (H, W) float32 ink strength in [0, 1] at input resolution (huge inputs shrunk).
         Raises `BlankImageError` (a ValueError) if there is no ink."""
-        gray, alpha = _gray_alpha(_as_pil(image), self.max_input_pixels)
+        gray, alpha = _gray_alpha(open_image(image), self.max_input_pixels)
         return _ink_strength(gray, alpha, self.min_contrast)
 
     def measure(self, image: Any) -> dict[str, float]:

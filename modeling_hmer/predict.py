@@ -1,12 +1,13 @@
-"""Read handwritten math from image files and print LaTeX.
+"""Read handwritten math from image files and print LaTeX: a command line over `HMERImageToLatexPipeline`.
 
     python -m modeling_hmer.predict IMAGE [IMAGE ...] [--model DIR_OR_HUB_ID] [--num_beams N] [--json]
                                     [--attention_dir DIR] [--max_new_tokens N]
 
-Prints one line per image, `path<TAB>latex`, or with --json a list of {"image", "latex", "score", "ms"}.
-An image that cannot be read is reported on stderr (and as {"image", "error"} in JSON) and the others are
-still read; the exit code is then 1. --attention_dir writes, per image, one PNG per output token: the
-token's attention as a heat map over the processed image (file `<image>_<step>_<token>.png`).
+Prints one line per image, `path<TAB>latex`, or with --json a list of {"image", "latex", "score", "share",
+"candidates", "ms"} (see the pipeline for what the numbers mean). An image that cannot be read is reported on
+stderr (and as {"image", "error"} in JSON) and the others are still read; the exit code is then 1.
+--attention_dir writes, per image, one PNG per output token: the token's attention as a heat map over the
+processed image (file `<image>_<step>_<token>.png`).
 
 The default model is the shipped checkpoint folder `checkpoints/` of this repository. Nothing is fetched
 from the Hugging Face Hub unless --model names a Hub repository id.
@@ -16,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+WHAT_TO_DO = ("Train one (see README.md), or pass --model with a folder saved by save_pretrained or a Hugging Face "
+              "Hub repository id.")
 
 # File-name-safe names for tokens that are punctuation.
 _TOKEN_NAMES = {
@@ -36,10 +36,6 @@ _TOKEN_NAMES = {
 }  # fmt: skip
 
 
-class PredictError(Exception):
-    """A problem the user can fix (missing model, bad option); printed without a traceback."""
-
-
 def token_file_name(token: str) -> str:
     """A LaTeX token as a safe file-name part: `\\frac` -> `frac`, `{` -> `lbrace`, `x` -> `x`."""
     if token in _TOKEN_NAMES:
@@ -48,107 +44,48 @@ def token_file_name(token: str) -> str:
     return name or "u" + "".join(f"{ord(c):04x}" for c in token)
 
 
-def resolve_model(model: str | None) -> str:
-    """--model value -> a local folder or a Hub id; raises PredictError with what to do."""
-    if model is None:
-        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-            raise PredictError(
-                f"no trained model in {DEFAULT_MODEL_DIR} (the shipped checkpoint folder). Train one (see README.md), "
-                "or pass --model with a folder saved by save_pretrained or a Hugging Face Hub repository id."
-            )
-        return str(DEFAULT_MODEL_DIR)
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise PredictError(f"{path} holds no model (no config.json): pass a folder saved by save_pretrained")
-        return str(path)
-    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.rstrip("/").split("/", 1)[-1]
-    if path.exists() or looks_like_path or model.count("/") > 1:
-        raise PredictError(f"model folder not found: {model}")
-    return model  # a Hub repository id, e.g. "user/hmer"
-
-
-def load(model_id: str):
-    """-> (model, processor). Hub ids are downloaded (or read from the Hugging Face cache)."""
+def load_pipeline(model: str | None, num_beams: int | None, max_new_tokens: int | None):
+    """--model -> the pipeline (raises ModelNotFoundError with what to do)."""
+    from transformers import pipeline
     from transformers.utils import logging as hf_logging
 
-    from . import HMERForConditionalGeneration, HMERProcessor
+    from .pipeline_hmer import ModelNotFoundError, resolve_model
+    from .configuration_hmer import PIPELINE_TASK
 
+    model_id = resolve_model(model, [DEFAULT_MODEL_DIR], WHAT_TO_DO)
     hf_logging.disable_progress_bar()  # keep the output to the LaTeX lines
+    settings = {key: value for key, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens))
+                if value is not None}
     try:
-        processor = HMERProcessor.from_pretrained(model_id)
-        model = HMERForConditionalGeneration.from_pretrained(model_id)
+        return pipeline(PIPELINE_TASK, model=model_id, **settings)
     except OSError as err:
-        raise PredictError(f"cannot load the model {model_id!r}: {err}") from None
-    return model.eval(), processor
+        raise ModelNotFoundError(f"cannot load the model {model_id!r}: {err}") from None
 
 
-def save_attention_maps(
-    folder: Path, image_name: str, pixel_values, attentions, tokens: list[str], stride: int
-) -> list[Path]:
-    """One PNG per token: the processed image in gray with the token's attention in red on top.
-
-    pixel_values: (1, H, W) processed image; attentions: (L, h, w) over feature cells of `stride` px.
-    """
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
+def save_attention_maps(folder: Path, image_name: str, result: dict) -> list[Path]:
+    """One PNG per token of the pipeline's `result` (with `return_attentions`): its attention heat map."""
+    from .pipeline_hmer import attention_heatmap
 
     folder.mkdir(parents=True, exist_ok=True)
-    image = pixel_values[0].float().cpu().numpy()
-    height, width = image.shape
-    maps = attentions.float().cpu()[:, None]  # (L, 1, h, w)
-    maps = F.interpolate(maps, scale_factor=stride, mode="bilinear", align_corners=False)[:, 0]
-    canvas = torch.zeros(maps.shape[0], height, width)
-    h, w = min(height, maps.shape[1]), min(width, maps.shape[2])
-    canvas[:, :h, :w] = maps[:, :h, :w]
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", image_name)
     written = []
-    for step, (heat, token) in enumerate(zip(canvas.numpy(), tokens)):
-        heat = heat / heat.max() if heat.max() > 0 else heat
-        gray = 0.35 * image
-        rgb = np.stack([np.maximum(gray, heat), gray + 0.3 * image * (1 - heat), gray], axis=-1)
+    for step, (token, attention) in enumerate(zip(result["tokens"], result["attentions"])):
         path = folder / f"{stem}_{step:03d}_{token_file_name(token)}.png"
-        Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8)).save(path)
+        attention_heatmap(result["model_input"], attention).save(path)
         written.append(path)
     return written
 
 
-def predict_file(model, processor, path: str, num_beams: int, max_new_tokens: int | None, attention_dir: Path | None):
-    """Reads one image file -> dict(image, latex, score, ms). Raises ValueError / OSError for unreadable input."""
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            image = im.copy()
-    except FileNotFoundError:
-        raise ValueError("file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"not an image file ({type(err).__name__}: {err})") from None
-
+def predict_file(reader, path: str, attention_dir: Path | None) -> dict:
+    """Reads one image file -> dict(image, latex, score, share, candidates, ms). Raises InvalidImageError."""
     start = time.perf_counter()
-    inputs = processor(images=image)
-    with torch.inference_mode():
-        out = model.generate(
-            **inputs,
-            num_beams=num_beams,
-            max_new_tokens=max_new_tokens,
-            output_attentions=attention_dir is not None,
-            return_dict_in_generate=True,
-        )
-    ids = out.sequences[0]
-    latex = processor.decode(ids)
+    result = reader(path, return_attentions=attention_dir is not None)
     ms = (time.perf_counter() - start) * 1000.0
-    result = {"image": path, "latex": latex, "score": float(out.sequences_scores[0]), "ms": round(ms, 1)}
-    if attention_dir is not None and out.attentions is not None:
-        maps = out.attentions[0]
-        tokens = processor.tokenizer.convert_ids_to_tokens(ids[: maps.shape[0]].tolist())
-        save_attention_maps(
-            attention_dir, Path(path).stem, inputs["pixel_values"][0], maps, tokens, model.config.encoder_stride
-        )
-    return result
+    if attention_dir is not None:
+        save_attention_maps(attention_dir, Path(path).stem, result)
+    candidates = [{key: c[key] for key in ("latex", "score", "share")} for c in result["candidates"]]
+    return {"image": path, "latex": result["latex"], "score": result["score"], "share": result["share"],
+            "candidates": candidates, "ms": round(ms, 1)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,28 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .pipeline_hmer import InvalidImageError, ModelNotFoundError
+
     args = build_parser().parse_args(argv)
     if args.num_beams is not None and args.num_beams < 1:
         print("error: --num_beams must be >= 1", file=sys.stderr)
         return 2
     try:
-        model_id = resolve_model(args.model)
         import torch
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        model, processor = load(model_id)
-    except PredictError as err:
+        reader = load_pipeline(args.model, args.num_beams, args.max_new_tokens)
+    except ModelNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
     results, failed = [], 0
     for path in args.images:
         try:
-            result = predict_file(model, processor, path, args.num_beams, args.max_new_tokens, args.attention_dir)
-        except (ValueError, OSError) as err:
+            result = predict_file(reader, path, args.attention_dir)
+        except InvalidImageError as err:
             failed += 1
-            print(f"error: {path}: {err}", file=sys.stderr)
+            message = str(err) if str(err).startswith(path) else f"{path}: {err}"
+            print(f"error: {message}", file=sys.stderr)
             results.append({"image": path, "error": str(err)})
             continue
         results.append(result)

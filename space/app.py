@@ -26,12 +26,11 @@ import logging
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 HERE = Path(__file__).resolve().parent
 if not (HERE / "modeling_hmer").is_dir() and (HERE.parent / "modeling_hmer").is_dir():
@@ -40,26 +39,44 @@ if not (HERE / "modeling_hmer").is_dir() and (HERE.parent / "modeling_hmer").is_
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
+from transformers import pipeline  # noqa: E402
 
 logger = logging.getLogger("hmer.space")
 
 # The model folder next to app.py (a Space upload) or the repository's shipped checkpoint.
 DEFAULT_MODEL_DIRS = (HERE / "checkpoints", HERE.parent / "checkpoints")
+
+
+def load_hmer_code():
+    """The HMER pipeline module (model lookup, image opener, error types, heat maps): the installed package's,
+    or, on a Space holding only app.py and a model folder, the copy saved with that model (trust_remote_code)."""
+    try:
+        from modeling_hmer import pipeline_hmer
+
+        return pipeline_hmer
+    except ImportError:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        folder = next((p for p in DEFAULT_MODEL_DIRS if (p / "pipeline_hmer.py").is_file()), None)
+        if folder is None:
+            sys.exit(f"error: modeling_hmer is not installed and no model folder with its code is in "
+                     f"{' or '.join(map(str, DEFAULT_MODEL_DIRS))}: pip install the package (see README.md)")
+        pipeline_class = get_class_from_dynamic_module("pipeline_hmer.HMERImageToLatexPipeline", str(folder))
+        return sys.modules[pipeline_class.__module__]
+
+
+hmer = load_hmer_code()
+ModelNotFoundError = hmer.ModelNotFoundError
 EMPTY_MESSAGE = "draw or upload an expression"
 DEFAULT_BEAMS = 5
 MAX_BEAMS = 10
 N_BEST = 5
 # Uploads larger than this are refused before decoding (10000x10000 = 100 MP is still accepted).
 MAX_PIXELS = 120_000_000
-# Larger images are shrunk (cheaply, by an integer factor) before the image processor sees them:
-# a formula needs far fewer pixels and the processor rescales to ~22 px per symbol anyway.
+# Larger JPEGs are decoded at a reduced scale (the image processor shrinks the others itself).
 WORK_PIXELS = 4_000_000
 MAX_FILE_SIZE = "10mb"
 LATEX_DELIMITERS = [{"left": "$$", "right": "$$", "display": True}]
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """No usable model at the place HMER_MODEL (or the default) points to."""
 
 
 class UserInputError(ValueError):
@@ -69,8 +86,7 @@ class UserInputError(ValueError):
 def resolve_model_path(model_path: str | os.PathLike | None = None) -> str:
     """Return the folder or Hub id to load: `model_path`, else env HMER_MODEL, else <repo>/checkpoints.
 
-    A string that is not an existing path is taken as a Hub id only when it was named
-    (argument or HMER_MODEL) and looks like one ("owner/name"); the default never reaches the Hub.
+    The pipeline's `resolve_model` rule: a Hub id only when one is named; the default never reaches the Hub.
     """
     named = model_path if model_path is not None else os.environ.get("HMER_MODEL") or None
     what_to_do = (
@@ -78,21 +94,9 @@ def resolve_model_path(model_path: str | os.PathLike | None = None) -> str:
         "folder written by save_pretrained (config.json, model.safetensors, processor files) "
         "or to a Hugging Face Hub model id."
     )
-    if named is None:
-        path = next((p for p in DEFAULT_MODEL_DIRS if p.is_dir()), DEFAULT_MODEL_DIRS[-1])
-    else:
-        path = Path(named)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"No HMER model in {path}: it has no config.json. {what_to_do}")
-        return str(path)
-    if named is not None:
-        text = str(named)
-        parts = text.split("/")
-        if len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not path.exists():
-            return text  # a Hub id the user asked for
-        raise ModelNotFoundError(f"HMER_MODEL={text!r} is neither a model folder nor a Hub id. {what_to_do}")
-    raise ModelNotFoundError(f"No HMER model found: {path} does not exist. {what_to_do}")
+    if named is not None and not Path(named).is_dir():
+        what_to_do = f"(HMER_MODEL={str(named)!r}) {what_to_do}"
+    return hmer.resolve_model(named, DEFAULT_MODEL_DIRS, what_to_do)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,55 +113,21 @@ def flatten(image: Image.Image, background: int = 255) -> Image.Image:
     return image.convert("L")
 
 
-def shrink(image: Image.Image, max_pixels: int = WORK_PIXELS) -> Image.Image:
-    """Reduce by an integer factor until at most `max_pixels` (fast box filter; keeps thin strokes)."""
-    factor = 1
-    while image.width * image.height > max_pixels * factor * factor:
-        factor += 1
-    return image.reduce(factor) if factor > 1 else image
-
-
-def is_blank(image: Image.Image) -> bool:
-    """True when the image holds no visible ink: uniform (up to noise) on white and on black.
-
-    Both backgrounds, so that white ink on a transparent background counts as ink.
-    """
-    def uniform(gray: Image.Image) -> bool:
-        low, high = gray.getextrema()
-        return high - low < 32
-
-    if image.width == 0 or image.height == 0:
-        return True
-    return uniform(flatten(image, 255)) and uniform(flatten(image, 0))
-
-
 def open_image_file(path: str | os.PathLike) -> Image.Image:
     """Open an uploaded file, refusing non-images and huge images with a message; see `prepare_image`."""
     try:
-        with warnings.catch_warnings():  # the size is checked here, before decoding
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise UserInputError(
-                    f"the image is {width}x{height} pixels, more than the {MAX_PIXELS // 1_000_000} "
-                    "megapixels this demo accepts: scale it down"
-                )
-            if image.format == "JPEG" and width * height > WORK_PIXELS:  # decode at a reduced scale directly
-                scale = (WORK_PIXELS / (width * height)) ** 0.5
-                image.draft(image.mode, (int(width * scale) + 1, int(height * scale) + 1))
-            image.load()
-            image = ImageOps.exif_transpose(image)  # photos taken sideways
-    except UserInputError:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
-        raise UserInputError("this file is not an image this demo can read: upload a PNG, JPEG or WebP "
-                             f"picture ({type(error).__name__})") from None
+        image = hmer.open_image(path, max_pixels=MAX_PIXELS, work_pixels=WORK_PIXELS)
+    except hmer.ImageTooLargeError as error:
+        raise UserInputError(f"{error} (this demo's limit)") from None
+    except hmer.InvalidImageError as error:
+        raise UserInputError(f"this file is not an image this demo can read: upload a PNG, JPEG or WebP "
+                             f"picture ({error})") from None
     return prepare_image(image)
 
 
 def prepare_image(image: Image.Image | np.ndarray | None, on_white: bool = False) -> Image.Image:
-    """PIL or numpy image -> PIL image of workable size; blank or missing -> UserInputError(EMPTY_MESSAGE).
+    """PIL or numpy image -> PIL image; missing -> UserInputError(EMPTY_MESSAGE) (blank ones are found when
+    they are read: the pipeline raises BlankImageError).
 
     Uploads keep their mode (the image processor reads either polarity and transparency); the
     sketch pad's drawing is flattened on white (`on_white`), as the canvas shows it.
@@ -166,9 +136,6 @@ def prepare_image(image: Image.Image | np.ndarray | None, on_white: bool = False
         raise UserInputError(EMPTY_MESSAGE)
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    image = shrink(image)
-    if is_blank(image):
-        raise UserInputError(EMPTY_MESSAGE)
     return flatten(image) if on_white else image
 
 
@@ -197,7 +164,9 @@ class Recognition:
     latex: the best candidate, space-separated canonical LaTeX tokens.
     tokens: its tokens (no special tokens); attention_maps: (len(tokens), H, W) float in [0, 1]
         over `model_input`, the processed image (H, W) uint8, black ink on white.
-    candidates: n best (latex, probability), best first.
+    candidates: n best (latex, share), best first; share: the candidate's probability as a share of the
+        n candidates' total (the pipeline's `share`).
+    token_probabilities: the model's probability of each of `tokens`.
     """
 
     latex: str
@@ -206,6 +175,7 @@ class Recognition:
     model_input: np.ndarray
     attention_maps: np.ndarray | None
     seconds: float
+    token_probabilities: list[float] = field(default_factory=list)
     extras: dict = field(default_factory=dict)
 
 
@@ -215,24 +185,13 @@ class Recognizer:
     def __init__(self, model_path: str, device: str | None = None):
         self.model_path = model_path
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        try:
-            from modeling_hmer import HMERForConditionalGeneration, HMERProcessor
-
-            self.processor = HMERProcessor.from_pretrained(model_path)
-            model = HMERForConditionalGeneration.from_pretrained(model_path)
-        except ImportError:
-            # No package here (e.g. a Space holding only app.py and the model): saved models carry
-            # their code and an auto_map, so the Auto classes can load them.
-            from transformers import AutoModelForImageTextToText, AutoProcessor
-
-            logger.info("modeling_hmer is not installed: loading %s with trust_remote_code", model_path)
-            self.processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
-            model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True)
-        self.model = model.to(self.device).eval()
-        self.tokenizer = self.processor.tokenizer
-        self.special_ids = set(self.tokenizer.all_special_ids)
-        # Pixels per feature-map cell: 16 for densenet-b, 32 for densenet121.
-        self.stride = int(getattr(self.model.config, "encoder_stride", 16))
+        # Without the package, the folder's own code runs (a saved model carries it, see pipeline_hmer.py).
+        self.pipeline = pipeline(hmer.PIPELINE_TASK, model=model_path, device=self.device,
+                                 trust_remote_code=hmer.__name__.startswith("transformers_modules."))
+        # Its errors are its module's classes (remote code loads one module per folder).
+        self.errors = sys.modules[type(self.pipeline).__module__]
+        self.model = self.pipeline.model.eval()
+        self.tokenizer = self.pipeline.tokenizer
 
     def warmup(self) -> float:
         """Run greedy and beam search once on a synthetic drawing; returns seconds taken."""
@@ -249,103 +208,22 @@ class Recognizer:
         num_beams = max(1, min(int(num_beams), MAX_BEAMS))
         n_best = max(1, min(n_best, num_beams))
         try:
-            inputs = self.processor(images=image, return_tensors="pt")
-        except ValueError as error:  # the image processor's message for images it cannot use
-            message = str(error)
-            raise UserInputError(EMPTY_MESSAGE if "blank" in message.lower() or "empty" in message.lower()
-                                 else message) from None
-        pixel_values = inputs["pixel_values"].to(self.device)
-        pixel_mask = inputs.get("pixel_mask")
-        pixel_mask = pixel_mask.to(self.device) if pixel_mask is not None else None
-        output = self.model.generate(
-            pixel_values=pixel_values,
-            pixel_mask=pixel_mask,
-            num_beams=num_beams,
-            num_return_sequences=n_best,
-            output_attentions=attention,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-        sequences = output.sequences
-        # Probability of a candidate = product of its token probabilities (eos included): exp of the sum
-        # of the per-token log-probabilities. The order is the model's (best first by its length-
-        # normalised score), which can differ from the order of these probabilities.
-        token_scores = getattr(output, "scores", None)
-        candidates = []
-        for index in range(sequences.shape[0]):
-            latex = self.tokenizer.decode(self._content_ids(sequences[index]), skip_special_tokens=True)
-            if any(latex == seen for seen, _ in candidates):
-                continue
-            if token_scores is not None:
-                probability = float(torch.exp(token_scores[index].float().sum()))
-            else:
-                probability = float("nan")
-            candidates.append((latex, probability))
-
-        best_ids = self._content_ids(sequences[0])
-        tokens = self.tokenizer.convert_ids_to_tokens(best_ids)
-        model_input = self._model_input(pixel_values[0], None if pixel_mask is None else pixel_mask[0])
-        maps = None
-        if attention and getattr(output, "attentions", None) is not None:
-            maps = self._attention_maps(output.attentions[0], sequences[0], len(tokens), model_input.shape)
+            result = self.pipeline(image, num_beams=num_beams, num_return_sequences=n_best,
+                                   return_attentions=attention)
+        except self.errors.BlankImageError:
+            raise UserInputError(EMPTY_MESSAGE) from None
+        except self.errors.InvalidImageError as error:
+            raise UserInputError(str(error)) from None
+        model_input = (255 - result["model_input"] * 255).round().astype(np.uint8) if attention else None
         return Recognition(
-            latex=candidates[0][0] if candidates else "",
-            tokens=list(tokens),
-            candidates=candidates,
+            latex=result["latex"],
+            tokens=list(result["tokens"]),
+            candidates=[(c["latex"], c["share"]) for c in result["candidates"]],
             model_input=model_input,
-            attention_maps=maps,
+            attention_maps=result.get("attentions"),
             seconds=time.perf_counter() - start,
+            token_probabilities=result["token_probabilities"],
         )
-
-    # -- helpers ------------------------------------------------------------------------------
-
-    def _generated(self, sequence: torch.Tensor) -> list[int]:
-        """Ids after the decoder start token (when the sequence begins with it), up to eos."""
-        ids = sequence.tolist()
-        start = self.model.config.decoder_start_token_id
-        if ids and ids[0] == start:
-            ids = ids[1:]
-        eos = self.model.config.eos_token_id
-        return ids[: ids.index(eos)] if eos in ids else ids
-
-    def _content_ids(self, sequence: torch.Tensor) -> list[int]:
-        return [i for i in self._generated(sequence) if i not in self.special_ids]
-
-    @staticmethod
-    def _model_input(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> np.ndarray:
-        """(1, H, W) ink=1 on 0 -> (h, w) uint8 black ink on white, cropped to the valid (unpadded) part."""
-        ink = pixel_values[0].float().clamp(0, 1).cpu().numpy()
-        if pixel_mask is not None:
-            mask = pixel_mask.bool().cpu().numpy()
-            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-            if rows.size and cols.size:
-                ink = ink[: rows[-1] + 1, : cols[-1] + 1]
-        return (255 - ink * 255).round().astype(np.uint8)
-
-    def _attention_maps(self, attention, sequence: torch.Tensor, n_tokens: int, shape: tuple[int, int]):
-        """(L, h, w) attention over the encoder features -> (n_tokens, H, W) in [0, 1] over the image.
-
-        Row i of `attention` belongs to the i-th generated token; special tokens are dropped so
-        that map k matches tokens[k].
-        """
-        attention = torch.as_tensor(attention).float().cpu()
-        if attention.dim() == 4:  # (L, heads, h, w): average the heads
-            attention = attention.mean(1)
-        generated = self._generated(sequence)
-        keep = [k for k, i in enumerate(generated) if i not in self.special_ids and k < attention.shape[0]]
-        keep = keep[:n_tokens]
-        if not keep:
-            return None
-        maps = attention[keep]  # (n, h, w)
-        h, w = maps.shape[-2:]
-        up = torch.nn.functional.interpolate(maps[:, None], size=(h * self.stride, w * self.stride),
-                                             mode="bilinear", align_corners=False)[:, 0]
-        up = up[:, : shape[0], : shape[1]]
-        if up.shape[1] < shape[0] or up.shape[2] < shape[1]:  # feature map smaller than the image
-            up = torch.nn.functional.interpolate(up[:, None], size=shape, mode="bilinear",
-                                                 align_corners=False)[:, 0]
-        peak = up.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-        return (up / peak).clamp(0, 1).numpy()
 
 
 def candidates_table(candidates: list[tuple[str, float]]) -> str:
@@ -375,14 +253,8 @@ def synthetic_drawing() -> Image.Image:
 
 
 def attention_overlay(model_input: np.ndarray, attention: np.ndarray, scale: int = 2) -> Image.Image:
-    """Lay one attention map (H, W in [0, 1]) over the model input (H, W uint8) as a red-yellow heat map."""
-    base = np.repeat(model_input[..., None].astype(np.float32) / 255.0, 3, axis=2)
-    base = 0.35 + 0.65 * base  # dim the page a little so the heat shows
-    heat = np.stack([np.ones_like(attention), np.clip(attention * 1.6 - 0.4, 0, 1), np.zeros_like(attention)], -1)
-    alpha = (0.75 * np.clip(attention, 0, 1) ** 0.8)[..., None]
-    mixed = (1 - alpha) * base + alpha * heat
-    image = Image.fromarray((mixed * 255).round().astype(np.uint8), "RGB")
-    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) if scale > 1 else image
+    """Lay one attention map (H, W in [0, 1]) over the model input (H, W uint8, black ink on white)."""
+    return hmer.attention_heatmap(1.0 - model_input.astype(np.float32) / 255.0, attention, scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,7 +327,7 @@ def build_demo(model_path: str | os.PathLike | None = None, *, recognizer: Recog
                                           attention=False)
         except UserInputError as error:
             raise gr.Error(str(error), print_exception=False) from None
-        candidates = [{"latex": latex, "probability": prob} for latex, prob in result.candidates]
+        candidates = [{"latex": latex, "probability": share} for latex, share in result.candidates]
         return result.latex, candidates, round(result.seconds, 4)
 
     with gr.Blocks(title="HMER: handwritten math to LaTeX") as demo:

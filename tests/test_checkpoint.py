@@ -27,6 +27,19 @@ def test_folder_is_complete_and_small():
     assert "ExpRate" in card and "Reproduce" in card
 
 
+def test_shipped_code_is_the_package_code():
+    """checkpoints/*.py are what trust_remote_code runs: byte for byte the package files save_pretrained copies
+    (`make checkpoint-code` refreshes them), and config.json names the pipeline they hold."""
+    from modeling_hmer.checkpoint_code import code_files
+
+    files = code_files()
+    assert {p.name for p in CHECKPOINT.glob("*.py")} == {p.name for p in files}, "run `make checkpoint-code`"
+    stale = [p.name for p in files if (CHECKPOINT / p.name).read_bytes() != p.read_bytes()]
+    assert stale == [], f"checkpoints/ holds old copies of {stale}: run `make checkpoint-code`"
+    config = json.loads((CHECKPOINT / "config.json").read_text())
+    assert config["custom_pipelines"]["image-to-latex"]["impl"] == "pipeline_hmer.HMERImageToLatexPipeline"
+
+
 @pytest.fixture(scope="module")
 def shipped():
     torch.manual_seed(0)

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from modeling_hmer.configuration_hmer import HMERConfig
+from transformers import LogitsProcessorList
+
 from modeling_hmer.modeling_hmer import HMERForConditionalGeneration, reverse_labels
 
 DECODERS = ["gru", "transformer"]
@@ -19,13 +21,13 @@ TINY = dict(
     decoder_attention_heads=4,
     decoder_ffn_dim=64,
 )
-# four short targets (ids 4.. are symbols, 2 is eos), padded with -100
+# four short targets (ids 4.. are symbols, 5 is \\sqrt and not used here, 2 is eos), padded with -100
 LABELS = torch.tensor(
     [
-        [5, 6, 7, 2, -100, -100],
-        [7, 6, 5, 8, 9, 2],
+        [13, 6, 7, 2, -100, -100],
+        [7, 6, 13, 8, 9, 2],
         [10, 2, -100, -100, -100, -100],
-        [11, 11, 12, 5, 2, -100],
+        [11, 11, 12, 13, 2, -100],
     ]
 )
 
@@ -210,7 +212,7 @@ def test_overfit_small_batch_then_generate_targets(decoder):
         starts = torch.full((4,), model.config.r2l_start_token_id)
         with torch.no_grad():
             static = r2l.prepare(*model.encode(pixels))
-            found = model._greedy_search(static, starts, False, max_new_tokens=10, min_new_tokens=0)
+            found = model._greedy_search(static, starts, False, max_new_tokens=10, processors=LogitsProcessorList())
         reversed_targets = targets(reverse_labels(LABELS, model.config.eos_token_id))
         assert generated(found["tokens"]) == reversed_targets
 
@@ -222,7 +224,7 @@ def test_greedy_equals_beam_search_with_one_beam(decoder):
     with torch.no_grad():
         static = model.decoder.prepare(*model.encode(pixels, mask))
         starts = torch.full((3,), model.config.decoder_start_token_id)
-        settings = dict(max_new_tokens=12, min_new_tokens=4)
+        settings = dict(max_new_tokens=12, processors=model._logits_processors(model.generation_config, 12, 4, None, None))
         greedy = model._greedy_search(static, starts, True, **settings)
         beam = model._beam_search(static, starts, 1, True, **settings)
     assert torch.equal(greedy["tokens"], beam["tokens"])
@@ -255,7 +257,7 @@ def test_beam_search_scores_match_teacher_forcing(decoder):
             logits = logits[: labels.shape[0]]
     logp = torch.log_softmax(logits, -1).gather(2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
     logp = logp.masked_fill(labels == -100, 0.0)
-    torch.testing.assert_close(out.scores, logp, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.transition_scores, logp, atol=1e-4, rtol=1e-4)
     lengths = (labels != -100).sum(1)
     torch.testing.assert_close(out.sequences_scores, logp.sum(1) / lengths, atol=1e-4, rtol=1e-4)
 
@@ -285,10 +287,10 @@ def test_generate_attentions_one_map_per_token(decoder):
         length = int((out.sequences[i] != 0).sum())
         assert out.attentions[i].shape == (length, h, w)
         torch.testing.assert_close(out.attentions[i].sum((1, 2)), torch.ones(length))
-    assert out.scores.shape == out.sequences.shape
-    assert bool((out.scores[out.sequences == 0] == 0).all()) and bool((out.scores <= 0).all())
+    assert out.transition_scores.shape == out.sequences.shape
+    assert bool((out.transition_scores[out.sequences == 0] == 0).all()) and bool((out.transition_scores <= 0).all())
     lengths = (out.sequences != 0).sum(1)
-    torch.testing.assert_close(out.sequences_scores, out.scores.sum(1) / lengths)
+    torch.testing.assert_close(out.sequences_scores, out.transition_scores.sum(1) / lengths)
     # sequences have no start token; they end with eos (or at max_new_tokens), then pad
     for row in out.sequences.tolist():
         tokens = [t for t in row if t != 0]

@@ -78,7 +78,7 @@ def test_missing_default_model_says_what_to_do(monkeypatch, tmp_path, images, ca
 
 def test_bad_model_argument(images, tmp_path, capsys):
     assert predict.main([images["good"], "--model", str(tmp_path / "nowhere")]) == 2
-    assert "model folder not found" in capsys.readouterr().err
+    assert "neither a model folder nor a Hub id" in capsys.readouterr().err
     assert predict.main([images["good"], "--model", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
 

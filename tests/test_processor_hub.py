@@ -40,6 +40,9 @@ CODE_FILES = {
     "latex.py",
     "image_processing_hmer.py",
     "processing_hmer.py",
+    "generation_hmer.py",
+    "latex_grammar.py",
+    "pipeline_hmer.py",
 }
 
 # Run first in a subprocess: removes the editable install's import hooks and the repository from the path,
@@ -61,7 +64,7 @@ HIDE_PACKAGE = textwrap.dedent(
 READ = textwrap.dedent(
     """
     import json, numpy as np, torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
     torch.set_num_threads(1)
     def read(source, **kwargs):
         processor = AutoProcessor.from_pretrained(source, **kwargs)
@@ -69,7 +72,10 @@ READ = textwrap.dedent(
         image = np.zeros((60, 120), np.uint8)
         image[20:40, 10:110:9] = 255
         ids = model.generate(**processor(images=image), max_new_tokens=6)
-        return {"ids": ids.tolist(), "processor": type(processor).__module__, "model": type(model).__module__}
+        reader = pipeline("image-to-latex", model=source, max_new_tokens=6, **kwargs)
+        return {"ids": ids.tolist(), "processor": type(processor).__module__, "model": type(model).__module__,
+                "pipeline": type(reader).__module__, "latex": reader(image)["latex"],
+                "decoded": processor.batch_decode(ids)[0]}
     """
 )
 
@@ -205,7 +211,8 @@ def hub_and_remote(tiny_model_dir, tmp_path_factory):
             """
         )
         (work / "a").mkdir()
-        with_package = _run_python(READ + push, work / "a", hub_env)
+        # this checkout's package (not whichever one is pip-installed)
+        with_package = _run_python(READ + push, work / "a", {**hub_env, "PYTHONPATH": REPO_ROOT})
         (work / "b").mkdir()
         remote = textwrap.dedent(
             f"""
@@ -226,6 +233,8 @@ def test_trust_remote_code_without_the_package(hub_and_remote, tiny_model_dir):
     assert result["model"].startswith("transformers_modules.")  # the folder's own code, not the package
     assert result["processor"].startswith("transformers_modules.")
     assert result["ids"] == _expected_ids(tiny_model_dir)
+    # and the pipeline the folder's config names: pipeline("image-to-latex", model=folder, trust_remote_code=True)
+    assert result["pipeline"].startswith("transformers_modules.") and result["latex"] == result["decoded"]
 
 
 def test_hiding_the_package_works(tmp_path):
@@ -247,5 +256,9 @@ def test_push_to_hub_and_load_by_repo_id(hub_and_remote, tiny_model_dir):
     expected = _expected_ids(tiny_model_dir)
     assert hub_and_remote["with_package"]["ids"] == expected
     assert hub_and_remote["with_package"]["model"] == "modeling_hmer.modeling_hmer"
+    # with the package, the registered pipeline serves a Hub id without trust_remote_code
+    assert hub_and_remote["with_package"]["pipeline"] == "modeling_hmer.pipeline_hmer"
+    assert hub_and_remote["with_package"]["latex"] == hub_and_remote["with_package"]["decoded"]
+    assert hub_and_remote["hub"]["pipeline"].startswith("transformers_modules.")
     assert hub_and_remote["hub"]["ids"] == expected
     assert hub_and_remote["hub"]["model"].startswith("transformers_modules.")

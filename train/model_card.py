@@ -275,17 +275,24 @@ tokens out. {origin} on the CROHME 2014/2016 training set with this project's `t
 ## Use
 
 ```python
-import modeling_hmer  # registers HMERConfig, HMERForConditionalGeneration, HMERProcessor with the Auto classes
-from transformers import AutoModelForImageTextToText, AutoProcessor
-from PIL import Image
+import modeling_hmer  # registers the HMER classes and the "image-to-latex" pipeline with transformers
+from transformers import pipeline
 
-processor = AutoProcessor.from_pretrained("checkpoints")
-model = AutoModelForImageTextToText.from_pretrained("checkpoints")
-inputs = processor(images=Image.open("expression.png"), return_tensors="pt")
-print(processor.batch_decode(model.generate(**inputs, num_beams=5))[0])
+reader = pipeline("image-to-latex", model="checkpoints")
+result = reader("expression.png", num_beams=5)  # a path, PIL image, numpy array or bytes; or a list (batch_size=)
+print(result["latex"])                           # space-separated LaTeX, e.g. "x ^ {{ 2 }} + 1"
+for candidate in result["candidates"]:          # the n-best, best first
+    print(candidate["latex"], candidate["share"])
 ```
 
-or `python -m modeling_hmer.predict expression.png`.
+Where the package is not installed, the folder's own code runs it:
+`pipeline("image-to-latex", model="checkpoints", trust_remote_code=True)`. Per image the pipeline returns
+`latex`, `score` (log-probability per token), `share` (the candidate's probability as a share of the n-best
+list's total: the shares sum to 1), `tokens` with `token_probabilities` (per-token confidence), `candidates`
+(the n-best with the same fields) and, with `return_attentions=True`, `attentions` (one map per token over
+`model_input`, the processed image). Decoding only writes well-formed LaTeX (balanced braces, `^` / `_` with
+a group, `\\frac` with two, `\\sqrt` with its group and optional index: `latex_grammar=False` lifts it).
+From the command line: `python -m modeling_hmer.predict expression.png --num_beams 5 [--json]`.
 
 ## Test sets (beam search, %)
 
