@@ -573,6 +573,7 @@ def main(argv=None) -> None:
         accelerator, config, data, args.init_from)
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(SavedLRScheduler(lr_scheduler), progress)
+    StopOnSignal(accelerator)  # Ctrl+C or SIGTERM from here on: finish the chunk, save, evaluate, then stop
     if args.resume:
         resume_from_latest_state(accelerator, Path(config.state_dir), progress, lr_scheduler,
                                  config.batches_per_chunk, clock.compute_units)
@@ -591,7 +592,6 @@ def main(argv=None) -> None:
     evaluate = functools.partial(evaluate_and_select, accelerator, model, processor, data, config, progress, clock,
                                  facts=facts)
 
-    StopOnSignal(accelerator)  # Ctrl+C or SIGTERM: finish the chunk, save, evaluate, then stop
     clock.counted = clock.last_save = time.time()
     if args.init_from and progress.global_step == 0 and not progress.evals:
         # The starting model is the score to beat: output_dir is only overwritten by a better model.
