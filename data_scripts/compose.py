@@ -157,7 +157,7 @@ class FormulaGrammar:
             "function": (6, 2, self.function is not None),
             "sum": (3, 6, has("\\sum")),
             "integral": (3, 5, has("\\int") and has("d")),
-            "limit": (2.5, 7, has("\\lim") and has("\\rightarrow")),
+            "limit": (2.5, 8, has("\\lim") and has("\\rightarrow")),
             "factorial": (0.4, 2, has("!")),
             "list": (1.2, 7, has("\\ldots") or has("\\cdots") or has(".")),
             "polynomial": (3, 9, True),
@@ -617,8 +617,8 @@ class _Box:
 # 1.8 and 2.1 high in the bank (their expressions' small limits and bases pull the unit down),
 # where an `l` with an `m` or a `g` spans about 1.15 and 1.55.
 _GEOMETRY_FIXES = {
-    "\\rightarrow": (None, 0.1),
-    "\\infty": (0.5, 0.1),
+    "\\rightarrow": (None, 0.08),
+    "\\infty": (0.5, 0.15),
     ".": (None, 0.42),
     "\\lim": (1.15, -0.05),
     "\\log": (1.55, 0.2),
@@ -806,12 +806,13 @@ class _Writer:
         """Numerator and denominator centred over a stretched `-` bar."""
         inner = size * self.frac_scale
         top, bottom = self.row(numerator, inner), self.row(denominator, inner)
-        overhang = self.rng.uniform(0.05, 0.25) * size
-        width = max(top.width, bottom.width, 0.4 * size) + 2 * overhang
+        overhang = self.rng.uniform(0.1, 0.3) * size
+        width = max(top.width, bottom.width, 0.5 * size) + 2 * overhang
         bar_y = self.rng.uniform(0.0, 0.12) * size
         bar = self.bar(width, size, bar_y)
-        top_dy = bar_y - self.rng.uniform(0.12, 0.28) * size - top.bottom
-        bottom_dy = bar_y + self.rng.uniform(0.15, 0.3) * size - bottom.top
+        # gaps from the bar's ink, which wobbles
+        top_dy = bar.top - self.rng.uniform(0.12, 0.28) * size - top.bottom
+        bottom_dy = bar.bottom + self.rng.uniform(0.15, 0.3) * size - bottom.top
 
         def centred(part: _Box) -> float:
             # a little off centre, never past the bar's ends
@@ -909,7 +910,7 @@ class _LabelInk:
     the same draw, without rebuilding them on every call. An instance is *fitted* once, on first
     use: scaled to its label's typical height (flat symbols: width), keeping up to a quarter of
     its own deviation, and moved to its label's typical offset (keeping up to 0.12 of its own),
-    then shifted to x = 0; ``_GEOMETRY_FIXES`` corrects the labels whose bank offset is a script's.
+    then shifted to x = 0; ``_GEOMETRY_FIXES`` replaces the typical figures the bank gets wrong.
     """
 
     def __init__(self, bank: InkBank, label: str):
@@ -946,8 +947,10 @@ class _LabelInk:
         else:
             own = max(bottom - top, 1e-6)
             scale = min(max(own / geometry.height, 0.8), 1.25) * (fixed_height or geometry.height) / own
-        center = geometry.center if fixed_center is None else fixed_center
-        target = center + min(max(own_center - geometry.center, -0.12), 0.12)
+        if fixed_center is None:
+            target = geometry.center + min(max(own_center - geometry.center, -0.12), 0.12)
+        else:  # the instance's offset from a wrong typical one says nothing
+            target = fixed_center
         origin = np.array([left, own_center], dtype=np.float32)
         shift = np.array([0.0, target], dtype=np.float32)
         fitted = [(s - origin) * np.float32(scale) + shift for s in strokes]
