@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from .configuration_hmer import HMERConfig
+from .expression_check import NotAnExpressionError
 from .image_processing_hmer import BlankImageError, HMERImageProcessor
 from .latex import normalize
 from .modeling_hmer import HMERForConditionalGeneration, HMERPreTrainedModel
@@ -38,6 +39,7 @@ __all__ = [
     "HMERPreTrainedModel",
     "HMERProcessor",
     "HMERTokenizer",
+    "NotAnExpressionError",
     "normalize",
 ]
 
