@@ -8,7 +8,7 @@ import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .expression_check import check_answer, check_ink, ink_statistics, max_new_tokens_for
+from .expression_check import ExpressionLimits, check_answer, check_ink, ink_statistics, max_new_tokens_for
 
 
 __all__ = ["HMERProcessor"]
@@ -95,14 +95,15 @@ class HMERProcessor(ProcessorMixin):
         """The most tokens a reading of an image with these `ink_statistics` can need (at most `limit`)."""
         return max_new_tokens_for(stats, limit)
 
-    def check_answer(self, output, index: int = 0) -> tuple[float, str]:
+    def check_answer(self, output, index: int = 0, **limits) -> tuple[float, str]:
         """`generate(..., output_scores=True, return_dict_in_generate=True)` -> (mean token log-prob, LaTeX)
-        of sequence `index`; raises `NotAnExpressionError` when it is no reading (unfinished or unsure)."""
+        of sequence `index`; raises `NotAnExpressionError` when it is no reading (unfinished or unsure).
+        `limits`: `ExpressionLimits` fields to override."""
         ids = output.sequences[index].tolist()
         eos = self.tokenizer.eos_token_id
         finished = eos in ids
         length = ids.index(eos) + 1 if finished else len(ids)
-        mean = check_answer(output.scores[index][:length].float().cpu().numpy(), finished)
+        mean = check_answer(output.scores[index][:length].float().cpu().numpy(), finished, ExpressionLimits(**limits))
         return mean, self.decode(ids)
 
     @property

@@ -286,6 +286,8 @@ class Recognizer:
         self.max_new_tokens = int(self.model.generation_config.max_new_tokens or 200)
         # Models saved before the expression check carry a processor without it: they read everything.
         self.checks = hasattr(self.processor, "check_image")
+        # Overrides of the processor's ExpressionLimits for the confidence check (none by default).
+        self.answer_limits: dict = {}
         if not self.checks:
             logger.warning("the model's processor cannot tell handwriting from other pictures: no refusals")
 
@@ -332,7 +334,7 @@ class Recognizer:
         )
         if self.checks:
             try:
-                self.processor.check_answer(output)
+                self.processor.check_answer(output, **self.answer_limits)
             except ValueError as error:  # NotAnExpressionError: the model cannot read it
                 raise UserInputError(str(error)) from None
         sequences = output.sequences
@@ -461,7 +463,9 @@ def typesettable(latex: str) -> str:
             index = ""
             if peek() == "[":
                 take()
-                index = "[ " + sequence({"]", "}"}) + " ]"
+                inner = sequence({"]", "}"})
+                # brackets inside the index would end it early: brace them
+                index = "[ " + ("{ " + inner + " }" if "[" in inner or "]" in inner else inner) + " ]"
                 if peek() == "]":
                     take()
             return f"\\sqrt {index} {argument(closers)}".replace("  ", " ")
@@ -575,6 +579,8 @@ Below the result, the attention gallery shows where the model looked for each sy
 
 
 CSS = """
+/* the ink colour is fixed (black, as the model's training renders are read): no colour picker */
+#sketchpad button[aria-label="Color"] { display: none; }
 #rendered .katex-display { font-size: 1.6em; margin: 0.4em 0; }
 #candidates table { width: 100%; table-layout: auto; }
 #candidates th, #candidates td:nth-child(1), #candidates td:nth-child(3) { white-space: nowrap; }

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_space import launch_app, load_space_app, space_model_dir  # noqa: F401  (fixture)
+from test_space import TEST_MODEL_LIMITS, launch_app, load_space_app, space_model_dir  # noqa: F401  (fixture)
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="Python playwright is not installed")
 
@@ -120,7 +120,9 @@ def ink_box(image: Image.Image) -> tuple[int, int, int, int] | None:
 def server(space_model_dir):
     """(url, recorded input images): the app on 127.0.0.1 with a spy on what the model is given."""
     app = load_space_app()
-    demo = app.build_demo(space_model_dir)
+    recognizer = app.Recognizer(str(space_model_dir))
+    recognizer.answer_limits = TEST_MODEL_LIMITS
+    demo = app.build_demo(recognizer=recognizer)
     seen: list[Image.Image] = []
     recognize = demo.recognizer.recognize
 
