@@ -103,7 +103,9 @@ class HMERProcessor(ProcessorMixin):
         eos = self.tokenizer.eos_token_id
         finished = eos in ids
         length = ids.index(eos) + 1 if finished else len(ids)
-        mean = check_answer(output.scores[index][:length].float().cpu().numpy(), finished, ExpressionLimits(**limits))
+        scores = getattr(output, "transition_scores", None)  # per-token log-probs (named `scores` before)
+        scores = output.scores if scores is None else scores
+        mean = check_answer(scores[index][:length].float().cpu().numpy(), finished, ExpressionLimits(**limits))
         return mean, self.decode(ids)
 
     @property
