@@ -49,7 +49,8 @@ logger = logging.getLogger("hmer.space")
 DEFAULT_MODEL_DIRS = (HERE / "checkpoints", HERE.parent / "checkpoints")
 EXAMPLES = sorted((HERE / "examples").glob("*.png"))
 # What each input says when it holds nothing (each names what to do on that tab / in that call).
-EMPTY_DRAWING = "the sketch pad is empty: draw an expression with the mouse, or load an example below it"
+EMPTY_DRAWING = ("the sketch pad is empty: draw an expression with the mouse, or load an example below it "
+                 "(an example just loaded takes a second to reach the pad: press Recognize again)")
 EMPTY_UPLOAD = "no picture yet: upload a picture of a handwritten expression, or pick an example below"
 NO_FILE = "no image given: pass an image file, e.g. handle_file('formula.png')"
 BLANK_PICTURE = "the picture is blank (one colour, no ink): upload a picture of a handwritten expression"
@@ -62,7 +63,10 @@ MAX_PIXELS = 120_000_000
 # Larger images are shrunk (cheaply, by an integer factor) before the image processor sees them:
 # a formula needs far fewer pixels and the processor rescales to ~22 px per symbol anyway.
 WORK_PIXELS = 4_000_000
-MAX_FILE_SIZE = "10mb"
+# Files over MAX_FILE_BYTES are refused by the app with a message; gradio's own limit (a bare "Error" in
+# the upload box) sits well above it, for what is not worth receiving at all.
+MAX_FILE_BYTES = 10 * 1024 * 1024
+MAX_FILE_SIZE = "50mb"
 # Decoding time per step grows with the feature-map cells and the beams (measured on 2 shared cores:
 # ~25 us per cell for greedy; beam 5 x1.4, beam 10 x2.9). Beams are reduced when the longest reading
 # the ink allows would take longer than this.
@@ -156,13 +160,18 @@ def is_blank(image: Image.Image) -> bool:
 
 def open_image_file(path: str | os.PathLike) -> Image.Image:
     """Open an uploaded file, refusing non-images, damaged and huge images with a message; see `prepare_image`."""
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise UserInputError(f"the file is {size / 2**20:.1f} MB, more than the {MAX_FILE_BYTES // 2**20} MB this "
+                             "demo accepts: save the picture smaller (a formula needs no more than a few "
+                             "hundred kB) and upload it again")
     try:
         with warnings.catch_warnings():  # the size is checked here, before decoding
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
     except (UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError, OSError) as error:
         raise UserInputError("this file is not a picture this demo can read: upload a PNG, JPEG or WebP "
-                             f"picture of a handwritten expression ({type(error).__name__})") from None
+                             "picture of a handwritten expression") from None
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise UserInputError(
@@ -685,7 +694,10 @@ def build_demo(model_path: str | os.PathLike | None = None, *, recognizer: Recog
                 )
                 draw_button = gr.Button("Recognize", variant="primary", size="lg", elem_id="recognize")
                 if examples:
-                    gr.Examples(examples, inputs=[sketch], label="Examples (drawn on this sketch pad): load "
+                    # The full editor value, composite included: with a bare path the editor shows the
+                    # picture but sends an empty value until it is drawn on.
+                    drawn = [[{"background": path, "layers": [], "composite": path}] for [path] in examples]
+                    gr.Examples(drawn, inputs=[sketch], label="Examples (drawn on this sketch pad): load "
                                 "one, then press Recognize", elem_id="draw-examples")
             with gr.Tab("Upload", id="upload"):
                 # gr.File, not gr.Image: the file reaches the app undecoded, so a broken, truncated or
