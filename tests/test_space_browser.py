@@ -357,26 +357,36 @@ def bad(tmp_path_factory):
     return pictures
 
 
-@pytest.mark.parametrize("kind", [*BAD_KINDS, "over the file size limit"])
-def test_bad_upload_says_what_to_do_and_spoils_nothing(page, server, bad, kind):
-    """Each bad upload on the Upload tab ends in a message saying what to do (not a bare "Error"),
-    never reaches the model, and the Draw tab still reads its drawing afterwards."""
-    url, seen = server
-    path, phrase = bad[kind]
-    before = seen.decodes
+def upload_and_recognize(page, path: str, phrase: str) -> str:
+    """Upload `path` on the Upload tab, press its Recognize; the status message holding `phrase`."""
     page.get_by_role("tab", name="Upload").click()
     page.locator("#upload input[type=file]").set_input_files(path)
     page.wait_for_timeout(500)
     wait_until_done(page)
     page.locator("#recognize-upload").click()
-    message = wait_for_status(page, phrase)
+    return wait_for_status(page, phrase)
+
+
+@pytest.mark.parametrize("kind", [*BAD_KINDS, "over the file size limit"])
+def test_bad_upload_says_what_to_do(page, server, bad, kind):
+    """Each bad upload on the Upload tab ends in a message saying what to do (not a bare "Error") and
+    never reaches the decoder."""
+    url, seen = server
+    path, phrase = bad[kind]
+    before = seen.decodes
+    message = upload_and_recognize(page, path, phrase)
     assert "⚠️" in message and ":" in message, message
-    assert page.locator("#status").inner_text().count("Error") == 0
+    assert message.count("Error") == 0 and page.locator("#upload").inner_text().count("Error") == 0
     shot(page, "bad_" + kind.replace(" ", "_"))
     assert seen.decodes == before, f"a bad upload ({kind}) reached the decoder"
     assert not page.locator("#latex").is_visible()
+    assert page.outside == []
 
-    # The Draw tab is not spoiled: its button reads the drawing only.
+
+def test_bad_upload_spoils_nothing(page, server, bad):
+    """After a non-image upload, the Draw tab's button still reads its drawing (and only it)."""
+    url, seen = server
+    upload_and_recognize(page, *bad["not an image"])
     page.get_by_role("tab", name="Draw").click()
     page.wait_for_selector("#sketchpad canvas")
     page.pad.draw(expression_strokes(EXPRESSIONS[0][1]))
