@@ -8,6 +8,8 @@ import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .expression_check import ExpressionLimits, check_answer, check_ink, ink_statistics, max_new_tokens_for
+
 
 __all__ = ["HMERProcessor"]
 
@@ -76,6 +78,35 @@ class HMERProcessor(ProcessorMixin):
     def decode(self, sequence, skip_special_tokens: bool = True, **kwargs) -> str:
         """Generated ids (L,) -> a space-separated LaTeX string."""
         return self.tokenizer.decode(_drop_ignored([sequence])[0], skip_special_tokens=skip_special_tokens, **kwargs)
+
+    # -- "is this a handwritten expression?" (see expression_check) --------------------------------------
+
+    def check_image(self, image: Any, return_tensors: str | None = "pt") -> tuple[BatchFeature, dict]:
+        """One image -> (model inputs as `__call__` gives them, its `ink_statistics`).
+
+        Raises `NotAnExpressionError` for noise, photos, pages of text (and `BlankImageError` for no ink).
+        """
+        model_image = self.image_processor.to_model_image(image)
+        stats = ink_statistics(self.image_processor.ink_map(image), model_image)
+        check_ink(stats)
+        return self.image_processor.pad_batch([model_image], return_tensors=return_tensors), stats
+
+    def max_new_tokens_for(self, stats: dict, limit: int = 200) -> int:
+        """The most tokens a reading of an image with these `ink_statistics` can need (at most `limit`)."""
+        return max_new_tokens_for(stats, limit)
+
+    def check_answer(self, output, index: int = 0, **limits) -> tuple[float, str]:
+        """`generate(..., output_scores=True, return_dict_in_generate=True)` -> (mean token log-prob, LaTeX)
+        of sequence `index`; raises `NotAnExpressionError` when it is no reading (unfinished or unsure).
+        `limits`: `ExpressionLimits` fields to override."""
+        ids = output.sequences[index].tolist()
+        eos = self.tokenizer.eos_token_id
+        finished = eos in ids
+        length = ids.index(eos) + 1 if finished else len(ids)
+        scores = getattr(output, "transition_scores", None)  # per-token log-probs (named `scores` before)
+        scores = output.scores if scores is None else scores
+        mean = check_answer(scores[index][:length].float().cpu().numpy(), finished, ExpressionLimits(**limits))
+        return mean, self.decode(ids)
 
     @property
     def model_input_names(self) -> list[str]:

@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from .configuration_hmer import HMERConfig
+from .expression_check import NotAnExpressionError
 from .image_processing_hmer import BlankImageError, HMERImageProcessor, ImageTooLargeError, InvalidImageError, open_image
 from .latex import normalize
 from .latex_grammar import LatexGrammarLogitsProcessor, is_well_formed
@@ -50,6 +51,7 @@ __all__ = [
     "InvalidImageError",
     "LatexGrammarLogitsProcessor",
     "ModelNotFoundError",
+    "NotAnExpressionError",
     "attention_heatmap",
     "is_well_formed",
     "normalize",

@@ -6,7 +6,7 @@ the reason when it or playwright is missing. The app runs in this process on 127
 random model; every request that leaves the loopback server is blocked and recorded, which also
 proves that the formula renders (KaTeX and its fonts) with no network.
 
-    pytest tests/test_space_browser.py -s          # prints where the screenshot is
+    pytest tests/test_space_browser.py -s          # screenshots in /tmp/space_shots ($HMER_SPACE_SHOTS)
     HMER_WRITE_EXAMPLES=space/examples pytest tests/test_space_browser.py   # (re)writes the Space's example PNGs
 """
 
@@ -20,7 +20,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_space import launch_app, load_space_app, space_model_dir  # noqa: F401  (fixture)
+from test_space import (  # noqa: F401  (space_model_dir: a fixture)
+    BAD_KINDS,
+    TEST_MODEL_LIMITS,
+    bad_pictures,
+    launch_app,
+    load_space_app,
+    space_model_dir,
+)
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="Python playwright is not installed")
 
@@ -36,7 +43,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync",
 ]
 CANVAS = (800, 300)  # the sketch pad's canvas_size in app.py
-EMPTY_MESSAGE = "draw or upload an expression"
+# Screenshots of the first view, a result and each bad-input case, to look at.
+SHOTS = Path(os.environ.get("HMER_SPACE_SHOTS", "/tmp/space_shots"))
 
 # A small stroke font: each glyph is a list of strokes in a box 1 unit high (y down, baseline at 1).
 GLYPHS = {
@@ -116,19 +124,31 @@ def ink_box(image: Image.Image) -> tuple[int, int, int, int] | None:
     return cols[0], rows[0], cols[-1] + 1, rows[-1] + 1
 
 
+class Seen(list):
+    """The images the app gave its recognizer; `.decodes` counts the model's decodings."""
+
+    decodes = 0
+
+
 @pytest.fixture(scope="module")
 def server(space_model_dir):
-    """(url, recorded input images): the app on 127.0.0.1 with a spy on what the model is given."""
+    """(url, seen): the app on 127.0.0.1 with a spy on what the model is given (see `Seen`)."""
     app = load_space_app()
-    demo = app.build_demo(space_model_dir)
-    seen: list[Image.Image] = []
-    recognize = demo.recognizer.recognize
+    recognizer = app.Recognizer(str(space_model_dir))
+    recognizer.answer_limits = TEST_MODEL_LIMITS
+    demo = app.build_demo(recognizer=recognizer)
+    seen = Seen()
+    recognize, generate = recognizer.recognize, recognizer.model.generate
 
     def spy(image, **kwargs):
         seen.append(image.copy())
         return recognize(image, **kwargs)
 
-    demo.recognizer.recognize = spy
+    def counting_generate(*args, **kwargs):
+        seen.decodes += 1
+        return generate(*args, **kwargs)
+
+    recognizer.recognize, recognizer.model.generate = spy, counting_generate
     with launch_app(demo, app) as url:
         yield url, seen
 
@@ -168,26 +188,82 @@ def page(browser, server):
     context.close()
 
 
-def recognize_and_wait(page, seen: list) -> None:
-    """Press Recognize; return once the model got the image and the page shows the answer."""
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def wait_until_done(page) -> None:
+    """Gradio shows a status tracker over each output while an event runs and hides it after."""
+    page.wait_for_function(
+        "() => document.querySelector('#status [data-testid=\"status-tracker\"]')?.classList.contains('hide')")
+
+
+def recognize_and_wait(page, seen: list, button: str = "#recognize") -> None:
+    """Press a tab's Recognize; return once the model got the image and the page shows the answer."""
     before = len(seen)
-    page.locator("#recognize").click()
+    page.locator(button).click()
     for _ in range(600):
         if len(seen) > before:
             break
         page.wait_for_timeout(100)
     assert len(seen) > before, "the Recognize button did not reach the model"
-    # Gradio shows a status tracker over each output while the event runs and hides it after.
-    page.wait_for_function(
-        "() => document.querySelector('#latex [data-testid=\"status-tracker\"]').classList.contains('hide')")
+    page.locator("#latex").wait_for(state="visible")
+    wait_until_done(page)
 
 
-def test_draw_recognize_gallery(page, server, tmp_path_factory):
+def status_text(page) -> str:
+    return page.locator("#status").inner_text()
+
+
+def wait_for_status(page, phrase: str) -> str:
+    page.wait_for_function("(phrase) => document.querySelector('#status').innerText.includes(phrase)", arg=phrase)
+    return status_text(page)
+
+
+def check_result(page, app) -> list[str]:
+    """The result on the page: LaTeX, one gallery picture per written symbol captioned with it, every
+    candidate typeset (no KaTeX error), shares best first. Returns the LaTeX tokens."""
+    tokens = page.locator("#latex textarea").input_value().split()
+    assert tokens, "the LaTeX box is empty"
+    # The gallery gets all its pictures in one update: once one shows, all are there.
+    page.locator("#attention .thumbnail-item img").first.wait_for(state="visible")
+    captions = [c.strip() for c in page.locator("#attention .thumbnail-item").all_inner_texts()]
+    expected = [caption for _, caption in app.symbol_pictures(tokens, np.zeros((len(tokens), 1, 1)))]
+    assert captions == expected, (captions, tokens)
+    assert page.locator("#attention .thumbnail-item img").count() == len(expected)
+    page.locator("#rendered .katex").first.wait_for(state="visible")  # KaTeX renders after the update
+    assert page.locator("#candidates .katex-error, #rendered .katex-error").count() == 0
+    rows = page.locator("#candidates tbody tr")
+    assert rows.count() >= 1 and page.locator("#candidates th").nth(2).inner_text().strip() == "share"
+    assert page.locator("#candidates tbody tr td:nth-child(2) .katex").count() == rows.count()
+    shares = [float(rows.nth(k).locator("td").nth(2).inner_text().strip().rstrip("%").lstrip("<"))
+              for k in range(rows.count())]
+    assert shares == sorted(shares, reverse=True)
+    return tokens
+
+
+def test_first_view(page, server):
+    """What a visitor meets first: the Draw tab with examples, a hint, no empty result panels, no
+    colour picker (the ink colour is fixed)."""
+    shot(page, "first_view")
+    assert page.locator("#draw-examples").is_visible()
+    assert page.locator("#draw-examples .gallery-item, #draw-examples button").count() >= 1
+    assert "press Recognize" in status_text(page)
+    for panel in ("#latex", "#rendered", "#candidates", "#attention"):
+        assert not page.locator(panel).is_visible(), f"{panel} is shown before there is a result"
+    assert not page.locator('#sketchpad button[aria-label="Color"]').is_visible()
+    for tool in ("Brush", "Erase", "Undo", "Clear canvas"):
+        assert page.locator(f'#sketchpad button[aria-label="{tool}"]').is_visible(), tool
+    assert page.outside == []
+
+
+def test_draw_recognize_gallery(page, server):
     url, seen = server
+    app = load_space_app()
     pad = page.pad
     assert pad.brush_selected(), "the brush should be selected when the page opens"
     write_examples = os.environ.get("HMER_WRITE_EXAMPLES")
-    shots = tmp_path_factory.mktemp("space_screenshots")
 
     # Two drawings exercise undo and clear; all three when writing the Space's examples.
     for index, (name, items) in enumerate(EXPRESSIONS if write_examples else EXPRESSIONS[:2]):
@@ -211,23 +287,9 @@ def test_draw_recognize_gallery(page, server, tmp_path_factory):
         if write_examples:
             Path(write_examples).mkdir(parents=True, exist_ok=True)
             image.convert("L").save(Path(write_examples) / f"{name}.png", optimize=True)
-
-        latex = page.locator("#latex textarea").input_value()
-        tokens = latex.split()
-        assert tokens, "the LaTeX box is empty"
-        # The gallery gets all its pictures in one update: once one shows, all are there.
-        page.locator("#attention .thumbnail-item img").first.wait_for(state="visible")
-        captions = page.locator("#attention .thumbnail-item").all_inner_texts()
-        pictures = page.locator("#attention .thumbnail-item img").count()
-        assert pictures == len(tokens), (pictures, latex)
-        assert [c.split(". ", 1)[-1].strip() for c in captions] == tokens
-
-        # The formula is rendered by the bundled KaTeX, with its fonts, with no network.
-        assert page.locator("#rendered .katex").count() >= 1
+        check_result(page, app)
         if index == 0:
-            screenshot = shots / "space_drawn.png"
-            page.screenshot(path=str(screenshot), full_page=True)
-            print(f"\nscreenshot: {screenshot}")
+            shot(page, "result")
 
     page.wait_for_function("() => document.fonts.status === 'loaded'")
     katex_fonts = page.evaluate(
@@ -240,25 +302,96 @@ def test_empty_canvas_says_what_to_do(page, server):
     url, seen = server
     before = len(seen)
     page.locator("#recognize").click()
-    page.get_by_text(EMPTY_MESSAGE).first.wait_for(state="visible")
+    wait_for_status(page, "the sketch pad is empty")
+    shot(page, "bad_empty_canvas")
     assert len(seen) == before, "a blank canvas must not reach the model"
-    assert page.locator("#latex textarea").input_value() == ""
+    assert not page.locator("#latex").is_visible()
     assert page.outside == []
 
 
-def test_upload_tab_example(page, server):
-    """The Upload tab: pick one of the Space's examples, press Recognize; the model gets that picture."""
+def example_matches(got: Image.Image, path: Path) -> bool:
+    got = np.asarray(got.convert("L")).astype(int)
+    expected = np.asarray(Image.open(path).convert("L")).astype(int)
+    return got.shape == expected.shape and np.abs(got - expected).max() <= 2
+
+
+@pytest.mark.parametrize("tab", ["draw", "upload"])
+def test_examples_load_and_recognize(page, server, tab):
+    """Each tab's examples: pick the first, press that tab's Recognize; the model gets that picture."""
     url, seen = server
     examples = sorted((Path(__file__).resolve().parent.parent / "space" / "examples").glob("*.png"))
     if not examples:
         pytest.skip("no space/examples/*.png yet (make them with HMER_WRITE_EXAMPLES=space/examples)")
+    if tab == "upload":
+        page.get_by_role("tab", name="Upload").click()
+        page.locator("#upload").wait_for(state="visible")
+    page.locator(f"#{tab}-examples .gallery-item, #{tab}-examples button").first.click()
+    if tab == "upload":
+        page.locator("#preview img").first.wait_for(state="visible")
+        recognize_and_wait(page, seen, "#recognize-upload")
+    else:
+        # gradio's editor shows the example at once but sends it only a moment later: the page then
+        # says so ("press Recognize again"), which is what a visitor would do
+        for _ in range(10):
+            page.locator("#recognize").click()
+            page.wait_for_timeout(300)
+            wait_until_done(page)
+            if page.locator("#latex").is_visible():
+                break
+            assert "press Recognize again" in status_text(page)
+            page.wait_for_timeout(1000)
+        assert page.locator("#latex").is_visible(), status_text(page)
+    assert example_matches(seen[-1], examples[0])
+    check_result(page, load_space_app())
+    assert page.outside == []
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    from conftest import draw_expression_image
+
+    pictures = bad_pictures(tmp_path_factory.mktemp("bad_uploads"), draw_expression_image(zoom=60, brush=4))
+    big = tmp_path_factory.mktemp("big_upload") / "big_file.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (2100, 2100, 3), dtype=np.uint8)).save(big)
+    pictures["over the file size limit"] = (str(big), "more than the 10 MB")
+    return pictures
+
+
+def upload_and_recognize(page, path: str, phrase: str) -> str:
+    """Upload `path` on the Upload tab, press its Recognize; the status message holding `phrase`."""
     page.get_by_role("tab", name="Upload").click()
-    page.locator("#upload").wait_for(state="visible")
-    page.locator(".gallery-item, [data-testid='examples'] button, .examples button").first.click()
-    page.locator("#upload img").first.wait_for(state="visible")
+    page.locator("#upload input[type=file]").set_input_files(path)
+    page.wait_for_timeout(500)
+    wait_until_done(page)
+    page.locator("#recognize-upload").click()
+    return wait_for_status(page, phrase)
+
+
+@pytest.mark.parametrize("kind", [*BAD_KINDS, "over the file size limit"])
+def test_bad_upload_says_what_to_do(page, server, bad, kind):
+    """Each bad upload on the Upload tab ends in a message saying what to do (not a bare "Error") and
+    never reaches the decoder."""
+    url, seen = server
+    path, phrase = bad[kind]
+    before = seen.decodes
+    message = upload_and_recognize(page, path, phrase)
+    assert "⚠️" in message and ":" in message, message
+    assert message.count("Error") == 0 and page.locator("#upload").inner_text().count("Error") == 0
+    shot(page, "bad_" + kind.replace(" ", "_"))
+    assert seen.decodes == before, f"a bad upload ({kind}) reached the decoder"
+    assert not page.locator("#latex").is_visible()
+    assert page.outside == []
+
+
+def test_bad_upload_spoils_nothing(page, server, bad):
+    """After a non-image upload, the Draw tab's button still reads its drawing (and only it)."""
+    url, seen = server
+    upload_and_recognize(page, *bad["not an image"])
+    page.get_by_role("tab", name="Draw").click()
+    page.wait_for_selector("#sketchpad canvas")
+    page.pad.draw(expression_strokes(EXPRESSIONS[0][1]))
     recognize_and_wait(page, seen)
-    got = np.asarray(seen[-1].convert("L"))
-    expected = np.asarray(Image.open(examples[0]).convert("L"))
-    assert got.shape == expected.shape and np.abs(got.astype(int) - expected).max() <= 2
+    assert seen[-1].size == CANVAS
     assert page.locator("#latex textarea").input_value().strip()
+    assert "⚠️" not in status_text(page)
     assert page.outside == []
