@@ -94,7 +94,8 @@ def open_image(image: Any, max_pixels: int | None = None, work_pixels: int | Non
 
     Files are decoded only after their size is read: one over `max_pixels` is refused, and a JPEG over
     `work_pixels` is decoded at a reduced scale directly. Photos are turned upright (EXIF orientation).
-    Raises `InvalidImageError` with a message for a missing file or anything that is not a readable image.
+    Raises `InvalidImageError` with a message for a missing file or anything that is not a readable image, and
+    TypeError for an object of another type.
     """
     if isinstance(image, Image.Image):
         return image
@@ -114,7 +115,7 @@ def open_image(image: Any, max_pixels: int | None = None, work_pixels: int | Non
         return _decode(path, path, max_pixels, work_pixels)
     if hasattr(image, "read"):
         return _decode(image, getattr(image, "name", "the file"), max_pixels, work_pixels)
-    raise InvalidImageError(
+    raise TypeError(
         f"unsupported image type {type(image).__name__}: give a file path, image file bytes, a PIL image, a numpy "
         "array or a torch tensor"
     )
