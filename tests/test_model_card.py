@@ -147,3 +147,38 @@ def test_a_run_short_of_the_budget_is_named(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="no held-out evaluation within 0.5"):
         compare_runs.compare([two], 0.5)
     assert compare_runs.compare([two], 2.0)["rows"][0]["exprate"] == 0.03  # the 2.5 CPU-hour evaluation is over
+
+
+def test_a_fine_tuned_run_records_and_shows_its_whole_lineage_without_local_paths(tmp_path):
+    from train.train import parent_lineage, reproduce_command
+
+    # Two generations: `first` trained from scratch, `second` from first's checkpoint.
+    first = _write_run(tmp_path / "machine" / "runs" / "first", "first", "gru", 2,
+                       [_eval(1, 60, 0.2, 0.3), _eval(2, 120, 0.4, 0.2)])
+    log = json.loads((first / model_card.TRAINING_LOG).read_text())
+    log["best"]["cpu_hours"], log["cpu_hours"] = 4.0, 4.5
+    (first / model_card.TRAINING_LOG).write_text(json.dumps(log))
+    name, lineage = parent_lineage(str(first))
+    assert name == "first" and [run["run_name"] for run in lineage] == ["first"]
+    assert (lineage[0]["chosen_epoch"], lineage[0]["chosen_cpu_hours"], lineage[0]["cpu_hours"]) == (2, 4.0, 4.5)
+
+    second = _write_run(tmp_path / "second", "second", "gru", 2, [_eval(1, 60, 0.5, 0.1)])
+    log = json.loads((second / model_card.TRAINING_LOG).read_text())
+    log["config"]["init_from"], log["lineage"] = name, lineage
+    log["best"]["cpu_hours"], log["cpu_hours"] = 1.5, 2.0
+    log["commands"] = [reproduce_command(["--config", "c.yaml", "--init_from", str(first),
+                                          "--output_dir", str(tmp_path / "second")], 2)]
+    (second / model_card.TRAINING_LOG).write_text(json.dumps(log))
+    card = str(model_card.render_model_card(second))
+    assert "Fine-tuned from the `first` run" in card
+    assert "| `first` | held out by expression, stroke augmentation, real data only | 2 | 2 | 4.00 | 4.50 |" in card
+    assert "**5.50 CPU-hours** of training lead to these weights." in card
+    assert "--init_from PARENT_MODEL" in card and "--output_dir OUTPUT_DIR" in card
+    # Neither the parent's folder nor the output folder of this machine is named (the card's own
+    # evaluation command names the folder it is rendered for: `checkpoints` for the shipped one).
+    assert str(tmp_path / "machine") not in card and f"--output_dir {tmp_path}" not in card
+    # A grandchild lists both ancestors, oldest first.
+    assert [run["run_name"] for run in parent_lineage(str(second))[1]] == ["first", "second"]
+    # A Hub id stays in the command; a model folder without a training log is named by its folder.
+    assert "--init_from user/model" in reproduce_command(["--init_from", "user/model"], 1)
+    assert parent_lineage(str(tmp_path / "nothing_here")) == ("nothing_here", [])

@@ -205,6 +205,40 @@ within that budget (greedy decoding, %). Made by `python -m train.compare_runs`.
 """
 
 
+def _recipe(data: dict) -> str:
+    """A run's data recipe in words: held-out slice, augmentation, synthetic share."""
+    synthetic = data.get("synthetic_share") or 0
+    parts = [f"held out by {data.get('heldout_by') or 'expression'}",
+             "stroke augmentation" if data.get("augment", True) else "no augmentation",
+             f"{synthetic:.0%} synthetic (A share {data.get('synthetic_substitution_share') or 0.5:.0%})"
+             if synthetic else "real data only"]
+    return ", ".join(parts)
+
+
+def _lineage_section(log: dict) -> str:
+    """Every run these weights descend from, and this one, with CPU-hours up to the checkpoint handed on."""
+    ancestors = log.get("lineage") or []
+    if not ancestors:
+        return ""
+    config, best = log["config"], log.get("best") or {}
+    rows, total = [], 0.0
+    for run in ancestors:
+        handed_on = run.get("chosen_cpu_hours") or 0.0
+        total += handed_on
+        rows.append(f"| `{run.get('run_name')}` | {_recipe(run.get('data') or {})} | {run.get('epochs')} "
+                    f"| {_epoch(run.get('chosen_epoch') or 0)} | {handed_on:.2f} | {run.get('cpu_hours') or 0:.2f} |")
+    mine = best.get("cpu_hours") or 0.0
+    total += mine
+    rows.append(f"| `{config['run_name']}` (these weights) | {_recipe(config)} | {log.get('epochs', 0)} "
+                f"| {_epoch(best.get('epoch', 0))} | {mine:.2f} | {log.get('cpu_hours') or 0:.2f} |")
+    return (
+        "## Lineage\n\nEach run started from the checkpoint the one above it handed on (`--init_from`).\n\n"
+        "| run | data | epochs trained | checkpoint handed on (epoch) | CPU-hours to it | CPU-hours in all |\n"
+        "|---|---|---|---|---|---|\n" + "\n".join(rows)
+        + f"\n\n**{total:.2f} CPU-hours** of training lead to these weights.\n\n"
+    )
+
+
 def render_model_card(folder: Path) -> ModelCard:
     """The card for a model folder, from its training_log.json (required) and optional JSON files."""
     folder = Path(folder)
@@ -215,7 +249,9 @@ def render_model_card(folder: Path) -> ModelCard:
     tests = _read_json(folder / TEST_RESULTS) or {}
     n_parameters = log.get("n_parameters") or count_parameters(folder)
     model_desc = ", ".join(f"{k}={v}" for k, v in sorted(config["model"].items())) or "HMERConfig defaults"
-    origin = f"Fine-tuned from `{config['init_from']}`" if config.get("init_from") else "Trained from scratch"
+    origin = (f"Fine-tuned from the `{config['init_from']}` run (see the lineage below)" if config.get("init_from")
+              else "Trained from scratch")
+    lineage = _lineage_section(log)
     n_train = log.get("n_train")
     train_desc = f"{n_train} CROHME training expressions" if n_train else "the CROHME training expressions"
     n_heldout = log.get("n_heldout") or config["heldout_size"]
@@ -294,7 +330,7 @@ list's total: the shares sum to 1), `tokens` with `token_probabilities` (per-tok
 a group, `\\frac` with two, `\\sqrt` with its group and optional index: `latex_grammar=False` lifts it).
 From the command line: `python -m modeling_hmer.predict expression.png --num_beams 5 [--json]`.
 
-## Test sets (beam search, %)
+{lineage}## Test sets (beam search, %)
 
 {_test_section(tests, str(folder))}
 ## Held-out slice, per evaluation (greedy decoding, %)

@@ -527,24 +527,74 @@ def plot_curves(progress: TrainingProgress, path: Path) -> None:
     plt.close(fig)
 
 
+# Options whose value is a folder of this machine: a card says what goes there, not where it was.
+PATH_PLACEHOLDERS = {"--output_dir": "OUTPUT_DIR", "--init_from": "PARENT_MODEL", "--cache_dir": "CACHE_DIR"}
+
+
 def reproduce_command(argv: list[str], num_processes: int) -> str:
-    """The command line of a run without its time budget and resume flags.
+    """The command line of a run without its time budget and resume flags, and with placeholders
+    for this machine's folders (`PATH_PLACEHOLDERS`; a Hub id after --init_from is kept).
 
     A resumed run continues exactly where it stopped, so a run done in several time-limited
     segments equals one uninterrupted run of this command (with as many processes).
     """
-    kept, skip_next = [], False
+    kept, skip_next, placeholder = [], False, None
     for arg in argv:
         if skip_next:
             skip_next = False
+            continue
+        if placeholder is not None:
+            kept.append(placeholder if _is_local_path(arg) else arg)
+            placeholder = None
             continue
         name = arg.split("=", 1)[0]
         if name in ("--resume", "--max_minutes", "--max_total_minutes", "--max_steps", "--state_dir", "--push_to_hub"):
             skip_next = "=" not in arg and name != "--resume"
             continue
+        if name in PATH_PLACEHOLDERS:
+            if "=" in arg:
+                value = arg.split("=", 1)[1]
+                kept.append(f"{name}={PATH_PLACEHOLDERS[name] if _is_local_path(value) else value}")
+            else:
+                kept.append(arg)
+                placeholder = PATH_PLACEHOLDERS[name]
+            continue
         kept.append(arg)
     launch = "accelerate launch" + (f" --multi_gpu --num_processes {num_processes}" if num_processes > 1 else "")
     return f"{launch} train/train.py {shlex.join(kept)}"
+
+
+def _is_local_path(value: str) -> bool:
+    """True for a folder of this machine (or a path-like value), False for a Hub id such as `user/model`."""
+    return os.path.isabs(value) or value.startswith(".") or os.path.exists(value) or value.count("/") != 1
+
+
+def parent_lineage(init_from: Optional[str]) -> tuple[Optional[str], list[dict]]:
+    """(name, lineage) of the model a run starts from.
+
+    `lineage` lists, oldest first, every run the parent descends from and the parent run itself, read
+    from the parent folder's training_log.json: each run's name, data recipe, epochs trained, the epoch
+    and CPU-hours of the checkpoint it handed on, and its CPU-hours in all. `name` replaces the parent's
+    local path in the new run's records (its run name; a Hub id stays as it is).
+    """
+    if not init_from:
+        return None, []
+    log_path = Path(init_from) / TRAINING_LOG
+    if not log_path.is_file():
+        return (Path(init_from).name if _is_local_path(init_from) else init_from), []
+    log = json.loads(log_path.read_text())
+    config, best = log.get("config", {}), log.get("best") or {}
+    run = {
+        "run_name": config.get("run_name"),
+        "init_from": config.get("init_from"),
+        "data": {key: config.get(key) for key in ("heldout_by", "heldout_size", "augment", "synthetic_share",
+                                                  "synthetic_substitution_share")},
+        "epochs": log.get("epochs"),
+        "cpu_hours": log.get("cpu_hours"),
+        "chosen_epoch": best.get("epoch"),
+        "chosen_cpu_hours": best.get("cpu_hours"),
+    }
+    return config.get("run_name") or Path(init_from).name, [*log.get("lineage", []), run]
 
 
 def push_folder_to_hub(folder: Path, repo_id: str, message: str) -> str:
@@ -579,7 +629,9 @@ def main(argv=None) -> None:
                                  config.batches_per_chunk, clock.compute_units)
     progress.commands.append(reproduce_command(sys.argv[1:] if argv is None else argv, accelerator.num_processes))
 
-    facts = {"config": {**dataclasses.asdict(config), "init_from": args.init_from},
+    parent, lineage = parent_lineage(args.init_from)
+    # No folder of this machine in the records: the parent by name, the state folder not at all.
+    facts = {"config": {**dataclasses.asdict(config), "init_from": parent, "state_dir": None}, "lineage": lineage,
              "hardware": hardware_description(accelerator), "num_processes": accelerator.num_processes,
              "n_parameters": sum(p.numel() for p in model.parameters()),
              "n_train": len(data.train_set), "n_heldout": len(data.heldout_images)}
