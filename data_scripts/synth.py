@@ -88,7 +88,7 @@ class SyntheticExpressions:
         self.rows = dataset.select(self.indices).select_columns(["name", "source", "writer", "tokens", "strokes", "symbols"])
         self.writers = writer_groups(self.rows["name"], self.rows["source"], self.rows["writer"])
         self.position = {index: position for position, index in enumerate(self.indices)}
-        self.bank = InkBank.from_dataset(dataset, self.indices)
+        self.bank = InkBank.from_dataset(self.rows)  # the rows selected above: read once
         self.composer = FormulaComposer(self.bank, lengths=[len(tokens) for tokens in self.rows["tokens"]])
         self.substitution_share = substitution_share
         self.rename_probability = rename_probability
