@@ -105,6 +105,24 @@ def test_writer_groups_and_select_heldout_on_a_dataset():
         select_heldout(dataset.remove_columns("writer"), 45, "writer")
 
 
+def test_expression_unseen_keeps_the_expression_training_part_and_scores_new_formulas_only():
+    import datasets
+
+    from train.data import select_heldout
+
+    rows = 200
+    # formula f{i % 50} for rows below 150 (each written three times), a unique formula above
+    tokens = [[f"f{i % 50}"] if i < 150 else [f"u{i}"] for i in range(rows)]
+    dataset = datasets.Dataset.from_dict({"name": [f"e{i}" for i in range(rows)], "tokens": tokens})
+    train, heldout = select_heldout(dataset, 40, "expression")
+    same_train, scored = select_heldout(dataset, 40, "expression_unseen")
+    assert same_train == train
+    trained = {tuple(tokens[i]) for i in train}
+    expected = [i for i in heldout if tuple(tokens[i]) not in trained]
+    assert scored == expected and 0 < len(scored) < len(heldout)
+    assert all(tokens[i][0].startswith("u") or tuple(tokens[i]) not in trained for i in scored)
+
+
 def test_evaluation_reads_the_heldout_slice_from_the_training_log(tmp_path):
     from train.evaluate_model import heldout_settings
 

@@ -142,7 +142,13 @@ def unseen_formula_split(
     return train, heldout
 
 
-HELDOUT_BY = ("expression", "writer", "unseen")
+def new_formula_rows(formulas: Sequence[str], train: Sequence[int], heldout: Sequence[int]) -> list[int]:
+    """The rows of `heldout` whose formula no row of `train` writes (order kept)."""
+    trained = {formulas[i] for i in train}
+    return [i for i in heldout if formulas[i] not in trained]
+
+
+HELDOUT_BY = ("expression", "writer", "unseen", "expression_unseen")
 
 
 def select_heldout(dataset, heldout_size: int, heldout_by: str = "expression") -> tuple[list[int], list[int]]:
@@ -152,13 +158,20 @@ def select_heldout(dataset, heldout_size: int, heldout_by: str = "expression") -
     ``"writer"``, whole writers (`writer_groups`); ``"unseen"``, whole writers whose held-out rows
     are formulas that no training row writes (`unseen_formula_split`), the closest match to the
     CROHME test sets (new writers, 97% new formulas). With ``"unseen"`` some rows of the
-    held-out writers are in neither list.
+    held-out writers are in neither list. ``"expression_unseen"``: the ``"expression"`` split's
+    training part (so weights trained with ``"expression"``, like the shipped lineage, never saw
+    the slice), scored only on the held-out rows whose formula the training part does not write
+    (`new_formula_rows`; about half of the slice); the other held-out rows are in neither list.
     """
     if heldout_by not in HELDOUT_BY:
         raise ValueError(f"heldout_by must be one of {', '.join(HELDOUT_BY)}, got {heldout_by!r}")
     names = list(dataset["name"])
-    if heldout_by == "expression":
-        return heldout_split(names, heldout_size)
+    if heldout_by in ("expression", "expression_unseen"):
+        train, heldout = heldout_split(names, heldout_size)
+        if heldout_by == "expression":
+            return train, heldout
+        formulas = [" ".join(tokens) for tokens in dataset["tokens"]]
+        return train, new_formula_rows(formulas, train, heldout)
     if "writer" not in dataset.column_names:
         raise ValueError(f"heldout_by={heldout_by!r} needs a dataset with a writer column (data_scripts.crohme builds one)")
     groups = writer_groups(names, list(dataset["source"]), list(dataset["writer"]))
