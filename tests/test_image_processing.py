@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -159,30 +158,25 @@ def test_bad_input_types(processor):
 
 
 def test_very_long_image_is_capped(processor):
-    """A 20000x300 strip of symbols: handled quickly and scaled down to the size caps."""
+    """A 20000x300 strip of symbols: scaled down to the size caps (its time: `python -m train.bench --inputs`)."""
     image = Image.new("L", (20000, 300), 0)
     draw = ImageDraw.Draw(image)
     for x in range(100, 19800, 400):
         draw.line([(x, 50), (x + 200, 250)], fill=255, width=8)
         draw.line([(x + 200, 50), (x, 250)], fill=255, width=8)
-    start = time.perf_counter()
     out = processor.to_model_image(image)
-    assert time.perf_counter() - start < 2.0
     h, w = out.shape
     assert w <= processor.max_width and h <= processor.max_height and h * w <= processor.max_pixels
     assert w > 10 * h  # still a strip, not squashed
     assert out.max() > 0.9
 
 
-def test_huge_image_is_fast(processor, draw_expression):
-    """10000 x 10000: shrunk early, well under a second of work."""
+def test_huge_image_gives_the_size_of_a_normal_drawing(processor, draw_expression):
+    """10000 x 10000 with the expression in a corner: cropped and shrunk to a normal drawing's size
+    (its time: `python -m train.bench --inputs`)."""
     big = Image.new("L", (10000, 10000), 255)
     big.paste(draw_expression(zoom=1200, brush=40), (500, 3000))
-    processor.to_model_image(draw_expression())  # warm-up
-    start = time.perf_counter()
     out = processor.to_model_image(big)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.5, f"{elapsed:.2f} s"
     reference = processor.to_model_image(draw_expression(zoom=80, brush=5))
     assert abs(out.shape[0] - reference.shape[0]) / reference.shape[0] < 0.15
     assert abs(out.shape[1] - reference.shape[1]) / reference.shape[1] < 0.15
@@ -258,13 +252,4 @@ def test_connected_components():
     boxes = sorted(zip(comps["top"], comps["bottom"], comps["left"], comps["right"], comps["area"]))
     assert boxes == [(2, 4, 2, 9, 24), (8, 11, 30, 33, 16), (8, 11, 36, 37, 8), (10, 19, 5, 11, 16), (25, 27, 30, 32, 3)]
 
-
-def test_typical_drawing_is_fast(processor, draw_expression):
-    image = draw_expression(zoom=80, brush=5)
-    processor(image)
-    start = time.perf_counter()
-    for _ in range(5):
-        processor(image)
-    per_image = (time.perf_counter() - start) / 5
-    assert per_image < 0.1, f"{per_image * 1000:.1f} ms per image"
 

@@ -3,6 +3,7 @@
     python -m train.bench            # both decoders, fp32 / bf16, with and without channels_last
     python -m train.bench --quick    # the default model only, fewer settings and repeats
     python -m train.bench --profile  # where the time of a training step and of greedy decoding goes
+    python -m train.bench --inputs   # ms of the input path: rendering, augmentation, the image processor
 
 Training: images per second of a full step (forward, backward, AdamW) on a batch of 8 images of
 one size with 40-token targets. Inference: milliseconds per image to decode one image with greedy
@@ -168,10 +169,63 @@ def profile(decoder: str, size: str, batch_size: int, target_length: int, rows: 
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+def pen_strokes(n_strokes: int = 20, seed: int = 0) -> list:
+    """Random-walk pen strokes (x, y) of about a symbol each, laid out left to right like a formula."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    strokes = []
+    for k in range(n_strokes):
+        steps = rng.normal(0, 1.5, (rng.integers(15, 40), 2))
+        strokes.append(np.cumsum(steps, axis=0) + [12.0 * k, 0.0])
+    return strokes
+
+
+def millis(function, repeats: int) -> float:
+    """Fastest of `repeats` calls of `function()`, in ms (the others measure a shared machine's load)."""
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return 1000 * min(times)
+
+
+def input_path_ms(repeats: int = 5) -> dict:
+    """ms per call of each step between ink and model input, on typical and on oversized inputs."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from data_scripts.augment import augment_strokes
+    from data_scripts.render import render_strokes
+    from modeling_hmer.image_processing_hmer import HMERImageProcessor
+
+    strokes = pen_strokes()
+    processor = HMERImageProcessor()
+    drawing = render_strokes([stroke * 4 for stroke in strokes])  # a sketch-pad sized drawing
+    typical = Image.fromarray(255 - drawing)
+    huge = Image.new("L", (10000, 10000), 255)
+    huge.paste(Image.fromarray(255 - render_strokes([stroke * 40 for stroke in strokes])).convert("L"), (200, 3000))
+    strip = Image.new("L", (20000, 300), 0)
+    pen = ImageDraw.Draw(strip)
+    for x in range(100, 19800, 400):
+        pen.line([(x, 50), (x + 200, 250)], fill=255, width=8)
+    rng = np.random.default_rng(0)
+    return {
+        "render 20 strokes": millis(lambda: render_strokes(strokes), 10 * repeats),
+        "augment 20 strokes": millis(lambda: augment_strokes(strokes, rng), 10 * repeats),
+        f"processor, {typical.width}x{typical.height} drawing": millis(lambda: processor(typical), repeats),
+        "processor, 10000x10000 image": millis(lambda: processor.to_model_image(huge), repeats),
+        "processor, 20000x300 strip": millis(lambda: processor.to_model_image(strip), repeats),
+    }
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="default model, fp32 and bf16 + channels_last only")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables instead")
+    parser.add_argument("--inputs", action="store_true", help="time the input path (render, augment, processor) instead")
     parser.add_argument("--decoders", nargs="+", default=None, choices=["gru", "transformer"])
     parser.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS))
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -187,6 +241,11 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 
+    if args.inputs:
+        figures = input_path_ms()
+        print("\n| input step | ms |\n|---|---|")
+        print("\n".join(f"| {name} | {ms:.1f} |" for name, ms in figures.items()))
+        return [figures]
     if args.profile:
         profile((args.decoders or ["gru"])[0], args.sizes[1] if len(args.sizes) > 1 else args.sizes[0],
                 args.batch_size, args.target_length, args.rows)
