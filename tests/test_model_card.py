@@ -128,11 +128,12 @@ def test_runs_compare_at_an_equal_cpu_budget(tiny_model_dir, tmp_path, capsys):
     rows = {r["run"]: r for r in comparison["rows"]}
     assert rows["gru"]["exprate"] == 0.05 and rows["gru"]["cpu_hours"] == pytest.approx(2.0)
     assert rows["transformer"]["exprate"] == 0.03 and rows["transformer"]["cpu_hours"] == pytest.approx(2.0)
-    assert "`gru` (decoder gru) leads: held-out ExpRate 5.00% against 3.00%" in comparison["conclusion"]
-    assert "| gru | gru |" in capsys.readouterr().out
+    assert ("`gru` (decoder gru, held out by expression, stroke augmentation, real data only) leads: "
+            "held-out ExpRate 5.00% against 3.00%") in comparison["conclusion"]
+    assert "| gru | gru | held out by expression" in capsys.readouterr().out
 
     card = (card_dir / "README.md").read_text()
-    assert "## Decoder comparison at an equal budget" in card and "| transformer | transformer |" in card
+    assert "## Runs compared at an equal budget" in card and "| transformer | transformer |" in card
     assert (card_dir / "comparison.png").stat().st_size > 0
     # Without a budget every evaluation counts, and the two-process run leads.
     assert compare_runs.compare([one, two], None)["rows"][1]["exprate"] == 0.20
@@ -182,3 +183,29 @@ def test_a_fine_tuned_run_records_and_shows_its_whole_lineage_without_local_path
     # A Hub id stays in the command; a model folder without a training log is named by its folder.
     assert "--init_from user/model" in reproduce_command(["--init_from", "user/model"], 1)
     assert parent_lineage(str(tmp_path / "nothing_here")) == ("nothing_here", [])
+
+
+def test_runs_of_two_data_recipes_show_the_test_figures_of_their_chosen_weights(tiny_model_dir, tmp_path):
+    real = _write_run(tmp_path / "real", "real", "gru", 1, [_eval(1, 60, 0.40, 0.2), _eval(2, 120, 0.42, 0.2)],
+                      source=tiny_model_dir)
+    synth = _write_run(tmp_path / "synth", "synth", "gru", 1, [_eval(1, 60, 0.44, 0.2), _eval(2, 120, 0.47, 0.2)],
+                       source=tiny_model_dir)
+    log = json.loads((synth / model_card.TRAINING_LOG).read_text())
+    log["config"].update(synthetic_share=0.5, synthetic_substitution_share=0.5)
+    (synth / model_card.TRAINING_LOG).write_text(json.dumps(log))
+    figures = {"n_scored": 986, "n_skipped": 0, "exprate": 0.3245, "le1": 0.5, "le2": 0.6, "le3": 0.7,
+               "ser": 0.2, "ms_per_image": 150.0}
+    model_card.record_test_results(synth, "test_2014", figures, {"num_beams": 5})
+
+    rows = {r["run"]: r for r in compare_runs.compare([real, synth], 2.0)["rows"]}
+    assert rows["synth"]["recipe"].endswith("50% synthetic (A share 50%)")
+    assert rows["real"]["recipe"].endswith("real data only")
+    assert rows["synth"]["tests"] == {"test_2014": 0.3245} and rows["real"]["tests"] == {}
+    # Within 1 CPU-hour the chosen weights (epoch 2) are over the budget: their test figures do not belong there.
+    assert compare_runs.compare([synth], 1.0)["rows"][0]["tests"] == {}
+
+    card_dir = _write_run(tmp_path / "release", "gru", "gru", 1, [_eval(2, 120, 0.05, 0.6)], source=tiny_model_dir)
+    compare_runs.main([str(real), str(synth), "--budget_hours", "2", "--card", str(card_dir)])
+    card = (card_dir / "README.md").read_text()
+    assert "| CROHME 2014 test |" in card.split("## Runs compared at an equal budget")[1].split("\n\n")[2]
+    assert "| **47.00** | " in card and " 32.45 |" in card

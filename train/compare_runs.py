@@ -1,13 +1,16 @@
 """Compares training runs at an equal compute budget on the held-out slice (greedy ExpRate).
 
-    python -m train.compare_runs /root/hmer_runs/gru /root/hmer_runs/transformer --budget_hours 2 \
+    python -m train.compare_runs /root/hmer_runs/real /root/hmer_runs/synth --budget_hours 3 \
         [--card checkpoints]
 
 Each RUN is a model folder written by train/train.py (its training_log.json lists every held-out
-evaluation with the training minutes it took). For each run the table shows the best evaluation
-within `--budget_hours` CPU-hours (wall time x processes x torch threads), so runs on one or two
-processes compare fairly. With `--card FOLDER` the table and a plot of held-out ExpRate against
-CPU-hours (comparison.png) go into that model folder's card.
+evaluation with the training minutes it took). The runs may differ in decoder or in data recipe
+(held-out slice, synthetic share). For each run the table shows the best evaluation within
+`--budget_hours` CPU-hours (wall time x processes x torch threads), so runs on one or two
+processes compare fairly, and, where the folder has them (`evaluate_model --update_card` on the
+run's folder), the test figures of the run's chosen weights: measured after choosing, never used
+to choose. With `--card FOLDER` the table and a plot of held-out ExpRate against CPU-hours
+(comparison.png) go into that model folder's card.
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from train.model_card import TRAINING_LOG, count_parameters, eval_cpu_hours, record_comparison
+from train.model_card import (
+    TEST_RESULTS,
+    TRAINING_LOG,
+    count_parameters,
+    eval_cpu_hours,
+    record_comparison,
+    recipe_in_words,
+)
 
 
 def load_run(folder: Path) -> dict:
@@ -33,6 +43,15 @@ def best_within_budget(log: dict, budget_hours: Optional[float]) -> Optional[dic
     return max(evals, key=lambda e: (e["exprate"], -e["ser"]), default=None)
 
 
+def test_exprates(folder: Path, log: dict) -> dict:
+    """{split: ExpRate} of the folder's weights, if `evaluate_model --update_card` measured them; only when
+    those weights are the run's best evaluation over all (train.py deletes the file when it saves better ones)."""
+    path = Path(folder) / TEST_RESULTS
+    if not path.exists():
+        return {}
+    return {split: figures["exprate"] for split, figures in json.loads(path.read_text()).items()}
+
+
 def compare(folders: list[Path], budget_hours: Optional[float]) -> dict:
     rows = []
     for folder in folders:
@@ -45,16 +64,20 @@ def compare(folders: list[Path], budget_hours: Optional[float]) -> dict:
             "run": log["config"]["run_name"],
             "folder": str(folder),
             "decoder": log["config"]["model"].get("decoder_type", "gru"),
+            "recipe": recipe_in_words(log["config"]),
             "parameters_m": (log.get("n_parameters") or count_parameters(Path(folder)) or 0) / 1e6,
             "cpu_hours": eval_cpu_hours(log, best),
             "cpu_hours_trained": spent,
             **{key: best[key] for key in ("epoch", "step", "exprate", "le1", "le2", "le3", "ser")},
+            # the folder holds the weights of the best evaluation over all, which is this one only
+            # when the budget does not cut the run short of it
+            "tests": test_exprates(folder, log) if best == log.get("best", best) else {},
         })
     ranked = sorted(rows, key=lambda r: (r["exprate"], -r["ser"]), reverse=True)
     if len(ranked) > 1:
         lead, second = ranked[0], ranked[1]
         conclusion = (
-            f"At this budget `{lead['run']}` (decoder {lead['decoder']}) leads: held-out ExpRate "
+            f"At this budget `{lead['run']}` (decoder {lead['decoder']}, {lead['recipe']}) leads: held-out ExpRate "
             f"{100 * lead['exprate']:.2f}% against {100 * second['exprate']:.2f}% "
             f"(symbol error rate {100 * lead['ser']:.2f}% against {100 * second['ser']:.2f}%)."
         )
@@ -67,11 +90,13 @@ def compare(folders: list[Path], budget_hours: Optional[float]) -> dict:
 
 
 def format_table(comparison: dict) -> str:
-    lines = ["| run | decoder | CPU-hours | epoch | held-out ExpRate | <=1 | <=2 | SER |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | decoder | data | CPU-hours | epoch | held-out ExpRate | <=1 | <=2 | SER | tests |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in comparison["rows"]:
+        tests = ", ".join(f"{split} {100 * value:.2f}" for split, value in r.get("tests", {}).items()) or "-"
         lines.append(
-            f"| {r['run']} | {r['decoder']} | {r['cpu_hours']:.2f} | {r['epoch']:.2f} | {100 * r['exprate']:.2f} "
-            f"| {100 * r['le1']:.2f} | {100 * r['le2']:.2f} | {100 * r['ser']:.2f} |"
+            f"| {r['run']} | {r['decoder']} | {r.get('recipe', '')} | {r['cpu_hours']:.2f} | {r['epoch']:.2f} "
+            f"| {100 * r['exprate']:.2f} | {100 * r['le1']:.2f} | {100 * r['le2']:.2f} | {100 * r['ser']:.2f} | {tests} |"
         )
     return "\n".join(lines + ["", comparison["conclusion"]])
 
@@ -86,7 +111,8 @@ def plot_comparison(folders: list[Path], path: Path, budget_hours: Optional[floa
     for folder in folders:
         log = load_run(folder)
         hours = [eval_cpu_hours(log, e) for e in log["evals"]]
-        label = f"{log['config']['run_name']} ({log['config']['model'].get('decoder_type', 'gru')})"
+        label = f"{log['config']['run_name']} ({log['config']['model'].get('decoder_type', 'gru')}, " \
+                f"{recipe_in_words(log['config'], short=True)})"
         axes[0].plot(hours, [100 * e["exprate"] for e in log["evals"]], "o-", label=label)
         axes[1].plot(hours, [100 * e["ser"] for e in log["evals"]], "o-", label=label)
     axes[0].set(title="held-out ExpRate (greedy)", xlabel="CPU-hours", ylabel="%", ylim=(0, None))

@@ -4,7 +4,7 @@ Three tools write into a model folder, each its own JSON file, and each re-rende
 
 - `train/train.py` writes `training_log.json` (config, held-out evaluations, time, hardware);
 - `train/evaluate_model.py --update_card` adds a test split's figures to `test_results.json`;
-- `train/compare_runs.py --card FOLDER` writes `comparison.json` (decoders at an equal budget).
+- `train/compare_runs.py --card FOLDER` writes `comparison.json` (runs at an equal budget).
 
 So the card always states what the folder's files hold. Test figures belong to one set of weights:
 train.py deletes `test_results.json` whenever it writes new weights. The test results also go into
@@ -120,7 +120,7 @@ def record_test_results(folder: Path, split: str, figures: dict, settings: dict)
 
 
 def record_comparison(folder: Path, comparison: dict) -> Path:
-    """Stores a decoder comparison (from compare_runs) in comparison.json; re-renders the card."""
+    """Stores a run comparison (from compare_runs) in comparison.json; re-renders the card."""
     folder = Path(folder)
     (folder / COMPARISON).write_text(json.dumps(comparison, indent=2) + "\n")
     return write_model_card(folder)
@@ -183,20 +183,24 @@ def _test_section(tests: dict, folder_hint: str) -> str:
 def _comparison_section(comparison: Optional[dict]) -> str:
     if not comparison:
         return ""
+    splits = sorted({split for r in comparison["rows"] for split in r.get("tests", {})})
     rows = "\n".join(
-        f"| {r['run']} | {r['decoder']} | {r['parameters_m']:.2f}M | {r['cpu_hours']:.2f} | {_epoch(r['epoch'])} "
-        f"| **{_percent(r['exprate'])}** | {_percent(r['le1'])} | {_percent(r['le2'])} | {_percent(r['ser'])} |"
+        f"| {r['run']} | {r['decoder']} | {r.get('recipe', '')} | {r['parameters_m']:.2f}M | {r['cpu_hours']:.2f} "
+        f"| {_epoch(r['epoch'])} | **{_percent(r['exprate'])}** | {_percent(r['le1'])} | {_percent(r['le2'])} "
+        f"| {_percent(r['ser'])} |" + "".join(f" {_percent(r['tests'][s]) if s in r.get('tests', {}) else '-'} |"
+                                             for s in splits)
         for r in comparison["rows"]
     )
+    test_columns = "".join(f" {SPLIT_NAMES.get(split, split)} |" for split in splits)
     return f"""
-## Decoder comparison at an equal budget
+## Runs compared at an equal budget
 
-Each decoder trained with the same encoder, data and augmentation (learning rate and warmup from its
-own config), for at most {comparison['budget_hours']:g} CPU-hours (wall time x processes x threads); the best held-out evaluation
-within that budget (greedy decoding, %). Made by `python -m train.compare_runs`.
+The same start and schedule for each run, for at most {comparison['budget_hours']:g} CPU-hours (wall time x processes
+x threads); the best held-out evaluation within that budget (greedy decoding, %). Test columns: the chosen
+weights on the test sets (beam 5), measured after choosing. Made by `python -m train.compare_runs`.
 
-| run | decoder | parameters | CPU-hours | epoch | held-out ExpRate | <=1 | <=2 | symbol error rate |
-|---|---|---|---|---|---|---|---|---|
+| run | decoder | data | parameters | CPU-hours | epoch | held-out ExpRate | <=1 | <=2 | symbol error rate |{test_columns}
+|---|---|---|---|---|---|---|---|---|---|{'---|' * len(splits)}
 {rows}
 
 {comparison.get('conclusion', '')}
@@ -205,9 +209,12 @@ within that budget (greedy decoding, %). Made by `python -m train.compare_runs`.
 """
 
 
-def _recipe(data: dict) -> str:
-    """A run's data recipe in words: held-out slice, augmentation, synthetic share."""
+def recipe_in_words(data: dict, short: bool = False) -> str:
+    """A run's data recipe (its config or lineage `data`) in words: held-out slice, augmentation, synthetic
+    share; `short`: the synthetic share only ("real data only", "50% synthetic")."""
     synthetic = data.get("synthetic_share") or 0
+    if short:
+        return f"{synthetic:.0%} synthetic" if synthetic else "real data only"
     parts = [f"held out by {data.get('heldout_by') or 'expression'}",
              "stroke augmentation" if data.get("augment", True) else "no augmentation",
              f"{synthetic:.0%} synthetic (A share {data.get('synthetic_substitution_share') or 0.5:.0%})"
@@ -225,11 +232,11 @@ def _lineage_section(log: dict) -> str:
     for run in ancestors:
         handed_on = run.get("chosen_cpu_hours") or 0.0
         total += handed_on
-        rows.append(f"| `{run.get('run_name')}` | {_recipe(run.get('data') or {})} | {run.get('epochs')} "
+        rows.append(f"| `{run.get('run_name')}` | {recipe_in_words(run.get('data') or {})} | {run.get('epochs')} "
                     f"| {_epoch(run.get('chosen_epoch') or 0)} | {handed_on:.2f} | {run.get('cpu_hours') or 0:.2f} |")
     mine = best.get("cpu_hours") or 0.0
     total += mine
-    rows.append(f"| `{config['run_name']}` (these weights) | {_recipe(config)} | {log.get('epochs', 0)} "
+    rows.append(f"| `{config['run_name']}` (these weights) | {recipe_in_words(config)} | {log.get('epochs', 0)} "
                 f"| {_epoch(best.get('epoch', 0))} | {mine:.2f} | {log.get('cpu_hours') or 0:.2f} |")
     return (
         "## Lineage\n\nEach run started from the checkpoint the one above it handed on (`--init_from`).\n\n"
