@@ -285,10 +285,12 @@ def build_model_and_optimizer(accelerator: Accelerator, config: TrainingConfig, 
 
 
 def train_one_epoch(accelerator: Accelerator, model, optimizer, lr_scheduler, train_loader, sampler,
-                    config: TrainingConfig, progress: TrainingProgress, clock: SegmentClock, args: RunArguments) -> bool:
+                    config: TrainingConfig, progress: TrainingProgress, clock: SegmentClock, args: RunArguments,
+                    evaluate) -> bool:
     """Trains the rest of the current epoch; True if it stopped early (`stop_due` or a signal).
 
-    Between chunks, never inside a gradient accumulation, it saves the state when one is due and
+    Between chunks, never inside a gradient accumulation, it saves the state when one is due,
+    scores the held-out slice every `eval_every_steps` (`evaluate(epoch=..., save_to=...)`) and
     checks for a stop; every process takes these decisions together.
     """
     epoch, skip = progress.epoch, progress.chunks_in_epoch
@@ -326,6 +328,11 @@ def train_one_epoch(accelerator: Accelerator, model, optimizer, lr_scheduler, tr
             return True
         if save_due(accelerator, config, progress, clock):
             save_state(accelerator, config, progress, clock)
+        last_eval_step = progress.evals[-1]["step"] if progress.evals else 0
+        if config.eval_every_steps and progress.global_step - last_eval_step >= config.eval_every_steps \
+                and progress.chunks_in_epoch < len(train_loader):  # the epoch's end is scored anyway
+            evaluate(epoch=progress.epoch + progress.chunks_in_epoch / len(train_loader), save_to=args.output_dir)
+            model.train()
     bar.close()
     return False
 
@@ -658,7 +665,7 @@ def main(argv=None) -> None:
                           f"(--max_total_minutes {args.max_total_minutes:g}): nothing to do")
     while not stopped and progress.epoch < config.num_epochs:
         stopped = train_one_epoch(accelerator, model, optimizer, lr_scheduler, train_loader, data.sampler,
-                                  config, progress, clock, args)
+                                  config, progress, clock, args, evaluate)
         if not stopped:
             progress.epoch, progress.chunks_in_epoch = progress.epoch + 1, 0
             evaluate(epoch=progress.epoch, save_to=args.output_dir)
