@@ -464,9 +464,13 @@ def test_two_processes_train_together_and_end_with_identical_weights(two_process
 @pytest.mark.slow
 def test_killed_run_resumes_at_the_same_step_with_the_same_result(tiny_crohme, tmp_path_factory):
     runs = tmp_path_factory.mktemp("resume")
-    extra = ("--save_every_steps", "4")
+    # Held-out evaluations inside the epoch too: they must not change what the training does.
+    extra = ("--save_every_steps", "4", "--eval_every_steps", "5")
     _run(_train_command(1, tiny_crohme, runs / "straight", *extra))
     straight = _summary(runs / "straight")
+    evals = json.loads((runs / "straight" / "model" / "training_log.json").read_text())["evals"]
+    inside = [record for record in evals if record["epoch"] != int(record["epoch"])]
+    assert inside and all(b["step"] - a["step"] >= 5 for a, b in zip(evals, evals[1:]) if b in inside), evals
 
     # Same run, killed (SIGKILL, the whole process group) once the state of step 8 is on disk.
     command = _train_command(1, tiny_crohme, runs / "killed", *extra)
