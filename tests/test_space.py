@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from conftest import TEST_MODEL_LIMITS  # noqa: F401  (also imported from here by test_space_browser.py)
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,46 +64,6 @@ def launch_app(demo, app):
         yield demo.local_url
     finally:
         demo.close()
-
-
-def biased_model(tiny_model_dir, folder: Path, eos_bias: float) -> Path:
-    """The tiny random model, made sure of its tokens, to write 3 to 8 real symbols (never <unk>), with
-    `eos_bias` on eos."""
-    import torch
-
-    from modeling_hmer import HMERForConditionalGeneration, HMERProcessor
-
-    model = HMERForConditionalGeneration.from_pretrained(tiny_model_dir)
-    processor = HMERProcessor.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        # sharpen the random logits: a model sure of its (random) tokens, as a trained one is
-        model.decoder.lm_head.weight *= 100
-        model.decoder.lm_head.bias *= 100
-        model.decoder.lm_head.bias[processor.tokenizer.unk_token_id] = -1e4
-        model.decoder.lm_head.bias[processor.tokenizer.eos_token_id] += eos_bias
-    model.generation_config.min_new_tokens = 3
-    model.generation_config.max_new_tokens = 8
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-# The test model's eos bias makes every token before eos improbable (generate's log-softmax comes before
-# min_new_tokens bans eos), so its answers pass the confidence check only with no probability floor;
-# test_unsure_model_is_refused checks that floor on its own.
-TEST_MODEL_LIMITS = {"min_mean_log_prob": -1e9}
-
-
-@pytest.fixture(scope="session")
-def space_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A tiny random model that ends every reading with eos after its 3 symbols (a finished answer)."""
-    return biased_model(tiny_model_dir, tmp_path_factory.mktemp("space_model"), eos_bias=1e4)
-
-
-@pytest.fixture(scope="session")
-def endless_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A tiny random model that never writes eos: the model "finds no end" to whatever it reads."""
-    return biased_model(tiny_model_dir, tmp_path_factory.mktemp("endless_model"), eos_bias=-1e4)
 
 
 def save_png(image: Image.Image, folder: Path, name: str) -> str:
