@@ -149,9 +149,11 @@ class HMERImageToLatexPipeline(Pipeline):
 
     Inputs: one image or a list: a file path, the bytes of an image file, a PIL image, a numpy array or a torch
     tensor (anything `open_image` reads; either polarity, any colour, transparency). With `batch_size`, images
-    are processed and decoded that many at a time (each as if alone). An input that gives no reading raises
+    are processed and decoded that many at a time (each as if alone: a batch decodes to its images' longest
+    length bound, and each answer is checked within its own). An input that gives no reading raises
     `InvalidImageError` or one of its kinds: `BlankImageError` (no ink), `NotAnExpressionError` (noise, a photo,
-    a page of text, or an answer the model found no end to): catch them by type.
+    a page of text, or an answer the model found no end to): catch them by type. One such image in a list
+    raises for the whole call; read lists that may hold bad pictures one image at a time.
 
     Call arguments (also accepted by `pipeline(...)` as defaults):
         num_beams (`int`): beam size, 1 = greedy (default: the model's generation config).

@@ -121,7 +121,7 @@ def hmer_code(model: str | None = None) -> ModuleType:
         raise FileNotFoundError(f"no trained model in {DEFAULT_MODEL_DIRS[-1]}. {WHAT_TO_DO}")
     try:
         pipeline_class = get_class_from_dynamic_module("pipeline_hmer.HMERImageToLatexPipeline", source)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # no such folder or Hub id, or no pipeline_hmer.py in it
         raise FileNotFoundError(f"no HMER model code in {source} ({error}). {WHAT_TO_DO}") from None
     return sys.modules[pipeline_class.__module__]
 
@@ -270,8 +270,8 @@ def explain(error: Exception, hmer: ModuleType, blank_message: str) -> str:
             return (f"the file is {error.file_bytes / 2**20:.1f} MB, more than the {MAX_FILE_BYTES // 2**20} MB "
                     "this demo accepts: save the picture smaller (a formula needs no more than a few hundred kB) "
                     "and upload it again")
-        size = f"{error.size[0]}x{error.size[1]} pixels" if error.size else "larger than that"
-        return (f"the picture is {size}, more than the {MAX_PIXELS // 1_000_000} megapixels this demo accepts: "
+        size = f"{error.size[0]}x{error.size[1]} pixels, " if error.size else ""
+        return (f"the picture is {size}more than the {MAX_PIXELS // 1_000_000} megapixels this demo accepts: "
                 "scale it down and upload it again")
     if isinstance(error, hmer.DamagedImageError):
         return (f"this {error.format or 'image'} file is damaged or cut short, so it cannot be read "
