@@ -107,7 +107,7 @@ def hmer_code(model: str | None = None) -> ModuleType:
     """The pipeline's module (`resolve_model`, `open_image`, `attention_heatmap`, the error types): the
     installed package's, else the copy a model folder carries (a Space holding only app.py and the model).
 
-    `model`: where to find that copy (default: the first default folder holding one).
+    `model`: where to find that copy when no default folder holds one (a Hub id named by HMER_MODEL).
     """
     try:
         from modeling_hmer import pipeline_hmer
@@ -116,7 +116,7 @@ def hmer_code(model: str | None = None) -> ModuleType:
     except ImportError:
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-    source = model or next((str(d) for d in DEFAULT_MODEL_DIRS if (d / "pipeline_hmer.py").is_file()), None)
+    source = next((str(d) for d in DEFAULT_MODEL_DIRS if (d / "pipeline_hmer.py").is_file()), model)
     if source is None:
         raise FileNotFoundError(f"no trained model in {DEFAULT_MODEL_DIRS[-1]}. {WHAT_TO_DO}")
     try:
