@@ -9,10 +9,16 @@
 Where the package is not installed, a saved model folder carries this file (its config names it under
 `custom_pipelines`): `pipeline("image-to-latex", model=folder_or_hub_id, trust_remote_code=True)`.
 
+Every image is checked to be a handwritten expression (`expression_check`, through the processor): noise,
+photos and pages of text are refused before decoding, decoding is bounded by the ink, and an answer the model
+found no end to is refused after it. `check_expression=False` reads anything.
+
 Besides the pipeline, this module holds what every caller shares: `resolve_model` (which folder or Hub id a
-name means), `attention_heatmap` (one picture per attention map) and, from the image processor, `open_image`
-and the error type `InvalidImageError` (with its kinds `BlankImageError` for an image without ink and
-`ImageTooLargeError` for a file over `open_image`'s size limit).
+name means), `attention_heatmap` (one picture per attention map), `affordable_beams` (the `max_decoding_cost`
+rule) and, from the image processor, `open_image` and the error type `InvalidImageError` with its kinds:
+`BlankImageError` (no ink), `DamagedImageError` (a file cut short), `ImageTooLargeError` (over `open_image`'s
+limits) and `NotAnExpressionError` (not handwriting). A caller loaded with `trust_remote_code` takes them all
+from the pipeline's own module, `sys.modules[type(reader).__module__]`, so that it catches the types raised.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,19 +36,28 @@ from transformers import AutoModelForImageTextToText, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_hmer import PIPELINE_TASK
-from .image_processing_hmer import BlankImageError, ImageTooLargeError, InvalidImageError, open_image
+from .expression_check import NotAnExpressionError
+from .image_processing_hmer import BlankImageError, DamagedImageError, ImageTooLargeError, InvalidImageError, open_image
 
 
 __all__ = [
     "BlankImageError",
+    "DamagedImageError",
     "HMERImageToLatexPipeline",
     "ImageTooLargeError",
     "InvalidImageError",
     "ModelNotFoundError",
+    "NotAnExpressionError",
+    "affordable_beams",
     "attention_heatmap",
     "open_image",
     "resolve_model",
 ]
+
+# The error types a caller catches, by name: a processor loaded with trust_remote_code raises its own module's
+# copies, which `_own_error` turns into these.
+_ERRORS = {cls.__name__: cls for cls in (NotAnExpressionError, BlankImageError, DamagedImageError,
+                                         ImageTooLargeError, InvalidImageError)}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -101,19 +117,60 @@ def attention_heatmap(model_input: np.ndarray, attention: np.ndarray, scale: int
     return image
 
 
+def affordable_beams(num_beams: int, max_new_tokens: int, cells: int, max_cost: float) -> int:
+    """The largest beam size <= num_beams whose longest decoding costs at most `max_cost`.
+
+    The cost of a decoding is counted in greedy steps over one feature cell: `max_new_tokens` steps, each
+    attending over `cells` feature cells, and each beam beyond the first adding a fifth to a step (measured
+    on CPU, where decoding's time is mostly per-step overhead shared by the beams).
+    """
+    def cost(beams: int) -> float:
+        return max_new_tokens * cells * (1 + 0.2 * (beams - 1))
+
+    while num_beams > 1 and cost(num_beams) > max_cost:
+        num_beams -= 1
+    return num_beams
+
+
+def _own_error(err: ValueError) -> ValueError:
+    """`err` as this module's error type of the same name (attributes kept), or `err` itself."""
+    for kind in type(err).__mro__:
+        own = _ERRORS.get(kind.__name__)
+        if own is not None:
+            converted = own(str(err))
+            converted.__dict__.update(err.__dict__)
+            return converted
+    return err
+
+
 class HMERImageToLatexPipeline(Pipeline):
     r"""
     Image(s) of handwritten math -> LaTeX. Task `"image-to-latex"`.
 
     Inputs: one image or a list: a file path, the bytes of an image file, a PIL image, a numpy array or a torch
     tensor (anything `open_image` reads; either polarity, any colour, transparency). With `batch_size`, images
-    are processed and decoded that many at a time (each as if alone). An unreadable input raises
-    `InvalidImageError`, an image without ink `BlankImageError` (a subclass): catch them by type.
+    are processed and decoded that many at a time (each as if alone: a batch decodes to its images' longest
+    length bound, and each answer is checked within its own). An input that gives no reading raises
+    `InvalidImageError` or one of its kinds: `BlankImageError` (no ink), `NotAnExpressionError` (noise, a photo,
+    a page of text, or an answer the model found no end to): catch them by type. One such image in a list
+    raises for the whole call; read lists that may hold bad pictures one image at a time.
 
     Call arguments (also accepted by `pipeline(...)` as defaults):
         num_beams (`int`): beam size, 1 = greedy (default: the model's generation config).
-        num_return_sequences (`int`): candidates in the n-best list (default: all `num_beams`).
+        num_return_sequences (`int`): candidates in the n-best list (default, and at most: the beams used).
         max_new_tokens (`int`), and other `generate` settings (`length_penalty`, `latex_grammar`, ...).
+        check_expression (`bool`, default True): check that each picture is a handwritten expression, with the
+            processor's `check_image` (before decoding: refuses noise, photos, pages of text, pictures a few
+            pixels wide, and bounds `max_new_tokens` by the pieces of ink, so any input decodes for a bounded
+            time) and `check_answer` (after: refuses a best answer that did not end within that bound, or whose
+            tokens are all improbable). Refusals raise `NotAnExpressionError`. False reads anything (a blank
+            image still raises `BlankImageError`). A model whose processor has no `check_image` (saved before
+            the check existed) reads anything.
+        answer_limits (`dict`): `ExpressionLimits` fields overriding the answer check's (e.g.
+            `{"min_mean_log_prob": -3.0}`).
+        max_decoding_cost (`float`, optional): reduce the beams, down to 1, for pictures whose longest possible
+            decoding would cost more than this (see `affordable_beams`: greedy steps x feature cells); for
+            services that must answer within a time. Default: beams are never reduced.
         return_attentions (`bool`, default False): add the attention maps and the processed image.
         generate_kwargs (`dict`): more `generate` settings.
 
@@ -127,6 +184,9 @@ class HMERImageToLatexPipeline(Pipeline):
             `tokens`, `token_probabilities`. `share` is the softmax of the candidates' sequence log-probabilities
             (the sum over their tokens, eos included): p_i / sum_j p_j over the list, so the shares sum to 1.
             It says how the model divides its belief among these candidates, not how likely the answer is right.
+            (The ranking divides log-probabilities by length, so a shorter candidate ranked below a longer one
+            can hold the larger share.)
+        num_beams (`int`): the beam size used (fewer than asked under `max_decoding_cost`).
         attentions (`np.ndarray` of shape `(len(tokens), H, W)`, with `return_attentions`): for each token of
             the best candidate, where the decoder looked, upsampled over the processed image and scaled to peak
             1; model_input (`np.ndarray` of shape `(H, W)`): that processed image, ink 1.0 on 0.0. Draw them with
@@ -139,35 +199,60 @@ class HMERImageToLatexPipeline(Pipeline):
     _load_feature_extractor = False
     _pipeline_calls_generate = True
 
-    def _sanitize_parameters(self, return_attentions=None, generate_kwargs=None, **kwargs):
+    def _sanitize_parameters(self, return_attentions=None, check_expression=None, answer_limits=None,
+                             max_decoding_cost=None, generate_kwargs=None, **kwargs):
+        preprocess, postprocess = {}, {}
         forward = {"generate_kwargs": {**(generate_kwargs or {}), **kwargs}}
+        if check_expression is not None:
+            preprocess["check_expression"] = bool(check_expression)
+        if answer_limits is not None:
+            postprocess["answer_limits"] = dict(answer_limits)
+        if max_decoding_cost is not None:
+            forward["max_decoding_cost"] = float(max_decoding_cost)
         if return_attentions is not None:
             forward["return_attentions"] = bool(return_attentions)
-        return {}, forward, {}
+        return preprocess, forward, postprocess
 
-    def preprocess(self, image: Any) -> dict:
-        """One input -> {"image": (H, W) float32}, the processed image (unpadded; `_forward` pads the batch)."""
+    @property
+    def checks_expressions(self) -> bool:
+        """Whether this model's processor can tell handwriting from other pictures (`check_expression`)."""
+        return hasattr(self.processor, "check_image")
+
+    def preprocess(self, image: Any, check_expression: bool = True) -> dict:
+        """One input -> {"image": the processed (H, W) float32 image (unpadded; `_forward` pads the batch),
+        "ink": its `ink_statistics` when checked, else None}. Raises the `InvalidImageError` kinds."""
         try:
-            return {"image": self.image_processor.to_model_image(open_image(image))}
+            picture = open_image(image)
+            if not (check_expression and self.checks_expressions):
+                return {"image": self.image_processor.to_model_image(picture), "ink": None}
+            # refuses noise, photos, pages of text here, before any decoding
+            inputs, ink = self.processor.check_image(picture, return_tensors="np")
+            mask = inputs["pixel_mask"][0].astype(bool)  # the image without any padding to a multiple
+            height, width = int(mask.any(1).sum()), int(mask.any(0).sum())
+            return {"image": inputs["pixel_values"][0, 0, :height, :width], "ink": ink}
         except InvalidImageError:
             raise
         except ValueError as err:
-            # Loaded with trust_remote_code, the image processor is another module's copy with its own error
-            # classes: raise this module's, so that callers catch one type.
-            kinds = {cls.__name__ for cls in type(err).__mro__}
-            if "BlankImageError" in kinds:
-                raise BlankImageError(str(err)) from None
-            if "InvalidImageError" in kinds:
-                raise InvalidImageError(str(err)) from None
-            raise
+            raise _own_error(err) from None
 
-    def _forward(self, model_inputs: dict, generate_kwargs: dict | None = None, return_attentions: bool = False):
-        images = model_inputs["image"]
-        images = [images] if isinstance(images, np.ndarray) else list(images)
-        batch = self.image_processor.pad_batch(images, return_tensors="pt")
+    def _forward(self, model_inputs: dict, generate_kwargs: dict | None = None, return_attentions: bool = False,
+                 max_decoding_cost: float | None = None):
+        images, inks = model_inputs["image"], model_inputs["ink"]
+        if isinstance(images, np.ndarray):  # batch_size 1: one image, not a list
+            images, inks = [images], [inks]
+        batch = self.image_processor.pad_batch(list(images), return_tensors="pt")
         generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}))
+        # What the ink allows: a reading needs a few tokens per piece of ink, so noise cannot decode for long.
+        limit = self._max_new_tokens(generate_kwargs)
+        bounds = [limit if ink is None else self.processor.max_new_tokens_for(ink, limit) for ink in inks]
+        generate_kwargs["max_new_tokens"] = max(bounds)  # a batch decodes to its longest bound (see postprocess)
         num_beams = int(generate_kwargs.get("num_beams") or self.model.generation_config.num_beams or 1)
-        generate_kwargs.setdefault("num_return_sequences", num_beams)
+        if max_decoding_cost is not None:
+            cells = max(self._feature_cells(image) for image in images)
+            num_beams = affordable_beams(num_beams, max(bounds), cells, max_decoding_cost)
+        generate_kwargs["num_beams"] = num_beams
+        generate_kwargs["num_return_sequences"] = min(generate_kwargs.get("num_return_sequences") or num_beams,
+                                                      num_beams)
         output = self.model.generate(
             pixel_values=batch["pixel_values"].to(self.device),
             pixel_mask=batch["pixel_mask"].to(self.device),
@@ -185,6 +270,10 @@ class HMERImageToLatexPipeline(Pipeline):
                 "sequences": [output.sequences[r].cpu() for r in rows],
                 "sequences_scores": [float(output.sequences_scores[r]) for r in rows],
                 "transition_scores": [output.transition_scores[r].float().cpu() for r in rows],
+                "num_beams": num_beams,
+                # the answer check reads the answer within this image's own bound
+                "check_answer": inks[i] is not None,
+                "max_new_tokens": bounds[i],
             }
             if return_attentions:
                 result["attentions"] = output.attentions[rows[0]].float().cpu()
@@ -193,9 +282,34 @@ class HMERImageToLatexPipeline(Pipeline):
         # one list entry per image: transformers' batch iterator hands postprocess one entry each
         return {"images": results}
 
-    def postprocess(self, model_outputs: dict) -> dict:
+    def _max_new_tokens(self, generate_kwargs: dict) -> int:
+        """The `max_new_tokens` this call asks for (its own, its generation config's, or the model's)."""
+        config = generate_kwargs.get("generation_config") or self.model.generation_config
+        return int(generate_kwargs.get("max_new_tokens") or config.max_new_tokens or 200)
+
+    def _feature_cells(self, image: np.ndarray) -> int:
+        """Encoder feature-map cells of one processed image: what each decoding step attends over."""
+        stride = int(getattr(self.model.config, "encoder_stride", 16))
+        return math.ceil(image.shape[0] / stride) * math.ceil(image.shape[1] / stride)
+
+    def _check_answer(self, result: dict, answer_limits: dict | None) -> None:
+        """Refuses (NotAnExpressionError) a best answer that is no reading: unfinished within its image's own
+        bound (in a batch, decoding may have run longer for another image) or improbable throughout."""
+        bound = result["max_new_tokens"]
+        best = SimpleNamespace(sequences=[result["sequences"][0][:bound]],
+                               transition_scores=[result["transition_scores"][0][:bound]])
+        try:
+            self.processor.check_answer(best, **(answer_limits or {}))
+        except InvalidImageError:
+            raise
+        except ValueError as err:
+            raise _own_error(err) from None
+
+    def postprocess(self, model_outputs: dict, answer_limits: dict | None = None) -> dict:
         result = model_outputs["images"]
         result = result[0] if isinstance(result, list) else result  # batch_size 1: the list itself
+        if result["check_answer"]:
+            self._check_answer(result, answer_limits)
         eos, pad = self.model.config.eos_token_id, self.model.config.pad_token_id
         special = set(self.tokenizer.all_special_ids)
         candidates, log_probabilities, positions = [], [], []
@@ -225,6 +339,7 @@ class HMERImageToLatexPipeline(Pipeline):
             "tokens": best["tokens"],
             "token_probabilities": best["token_probabilities"],
             "candidates": candidates,
+            "num_beams": result["num_beams"],
         }
         if "attentions" in result:
             output["model_input"] = result["model_input"]

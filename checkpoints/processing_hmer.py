@@ -86,8 +86,9 @@ class HMERProcessor(ProcessorMixin):
 
         Raises `NotAnExpressionError` for noise, photos, pages of text (and `BlankImageError` for no ink).
         """
-        model_image = self.image_processor.to_model_image(image)
-        stats = ink_statistics(self.image_processor.ink_map(image), model_image)
+        ink = self.image_processor.ink_map(image)  # read once, for the model image and the statistics
+        model_image = self.image_processor.model_image_from_ink(ink)
+        stats = ink_statistics(ink, model_image)
         check_ink(stats)
         return self.image_processor.pad_batch([model_image], return_tensors=return_tensors), stats
 

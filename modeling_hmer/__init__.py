@@ -29,7 +29,14 @@ from transformers import (
 
 from .configuration_hmer import HMERConfig
 from .expression_check import NotAnExpressionError
-from .image_processing_hmer import BlankImageError, HMERImageProcessor, ImageTooLargeError, InvalidImageError, open_image
+from .image_processing_hmer import (
+    BlankImageError,
+    DamagedImageError,
+    HMERImageProcessor,
+    ImageTooLargeError,
+    InvalidImageError,
+    open_image,
+)
 from .latex import normalize
 from .latex_grammar import LatexGrammarLogitsProcessor, is_well_formed
 from .modeling_hmer import HMERForConditionalGeneration, HMERPreTrainedModel
@@ -40,6 +47,7 @@ from .tokenization_hmer import HMERTokenizer
 
 __all__ = [
     "BlankImageError",
+    "DamagedImageError",
     "HMERConfig",
     "HMERForConditionalGeneration",
     "HMERImageProcessor",

@@ -23,7 +23,8 @@ request decodes for a bounded time whatever was uploaded.
     >>> out = model.generate(..., max_new_tokens=max_new_tokens_for(stats), output_scores=True)
     >>> check_answer(token_log_probs, finished)  # raises NotAnExpressionError
 
-`HMERProcessor.check_image` and `HMERProcessor.check_answer` wrap these for one image.
+`HMERProcessor.check_image` and `HMERProcessor.check_answer` wrap these for one image, and the
+image-to-latex pipeline applies them to every image it reads (`check_expression=False` turns them off).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .image_processing_hmer import connected_components, stroke_width, symbol_size
+from .image_processing_hmer import InvalidImageError, connected_components, stroke_width, symbol_size
 
 
 __all__ = [
@@ -48,9 +49,13 @@ __all__ = [
 NOT_AN_EXPRESSION = "this does not look like a handwritten expression"
 
 
-class NotAnExpressionError(ValueError):
+class NotAnExpressionError(InvalidImageError):
     """The picture (or the model's reading of it) is not a handwritten expression; the message says why
-    and what to do, `statistics` holds what was measured."""
+    and what to do, `statistics` holds what was measured.
+
+    A kind of `InvalidImageError`: a caller that catches that type to report unreadable inputs reports these
+    too; one that needs to tell them apart catches this type first.
+    """
 
     def __init__(self, message: str, statistics: dict | None = None):
         super().__init__(message)

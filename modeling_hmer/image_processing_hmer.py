@@ -33,13 +33,22 @@ from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 
-__all__ = ["HMERImageProcessor", "BlankImageError", "ImageTooLargeError", "InvalidImageError", "open_image"]
+__all__ = [
+    "HMERImageProcessor",
+    "BlankImageError",
+    "DamagedImageError",
+    "ImageTooLargeError",
+    "InvalidImageError",
+    "open_image",
+]
 
 
 class InvalidImageError(ValueError):
     """An input that is not an image HMER can read: not an image file, a missing file, a bad array, no ink.
 
     Its message says what is wrong and can be shown to a user as is; catch this type, not the message text.
+    Its kinds: `BlankImageError`, `DamagedImageError`, `ImageTooLargeError` and, from the expression check,
+    `NotAnExpressionError` (a picture that is not handwriting).
     """
 
 
@@ -47,8 +56,25 @@ class BlankImageError(InvalidImageError):
     """Raised when an image holds no ink (all one colour, too faint to read, or no pixels)."""
 
 
+class DamagedImageError(InvalidImageError):
+    """Raised by `open_image` for an image file whose header reads but whose data does not (cut short, corrupt).
+
+    `format` is the file's format as PIL names it ("PNG", "JPEG", ...), `reason` what PIL said.
+    """
+
+    def __init__(self, message: str, format: str | None = None, reason: str = ""):
+        super().__init__(message)
+        self.format, self.reason = format, reason
+
+
 class ImageTooLargeError(InvalidImageError):
-    """Raised by `open_image` for an image file over its `max_pixels` (checked before decoding)."""
+    """Raised by `open_image` for a file over its `max_bytes` or an image over its `max_pixels` (both checked
+    before decoding). `file_bytes` is the file's size when that was the limit hit, `size` (width, height) the
+    image's when known."""
+
+    def __init__(self, message: str, size: tuple[int, int] | None = None, file_bytes: int | None = None):
+        super().__init__(message)
+        self.size, self.file_bytes = size, file_bytes
 
 
 BLANK_MESSAGE = "The image is blank: draw or upload a handwritten expression"
@@ -88,14 +114,16 @@ def _pil_from_array(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def open_image(image: Any, max_pixels: int | None = None, work_pixels: int | None = None) -> Image.Image:
+def open_image(image: Any, max_pixels: int | None = None, work_pixels: int | None = None,
+               max_bytes: int | None = None) -> Image.Image:
     """Any single image -> PIL image: a file path, the bytes of an image file (or a binary file object), a PIL
     image, a numpy array ((H, W), (H, W, C) or (C, H, W)) or a torch tensor.
 
-    Files are decoded only after their size is read: one over `max_pixels` is refused, and a JPEG over
-    `work_pixels` is decoded at a reduced scale directly. Photos are turned upright (EXIF orientation).
-    Raises `InvalidImageError` with a message for a missing file or anything that is not a readable image, and
-    TypeError for an object of another type.
+    Files are decoded only after their size is read: a path or bytes over `max_bytes`, or an image over
+    `max_pixels`, raises `ImageTooLargeError`; a JPEG over `work_pixels` is decoded at a reduced scale directly
+    (a huge photo decodes fast and small). Photos are turned upright (EXIF orientation).
+    Raises `InvalidImageError` with a message for a missing file or anything that is not a readable image
+    (`DamagedImageError` for a file cut short or corrupt), and TypeError for an object of another type.
     """
     if isinstance(image, Image.Image):
         return image
@@ -107,11 +135,13 @@ def open_image(image: Any, max_pixels: int | None = None, work_pixels: int | Non
     if isinstance(image, np.ndarray):
         return _pil_from_array(image)
     if isinstance(image, (bytes, bytearray, memoryview)):
+        _check_file_size(len(image), max_bytes, "the image data")
         return _decode(io.BytesIO(image), "the image data", max_pixels, work_pixels)
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if not os.path.isfile(path):
             raise InvalidImageError("file not found" if not os.path.exists(path) else f"{path} is not a file")
+        _check_file_size(os.path.getsize(path), max_bytes, path)
         return _decode(path, path, max_pixels, work_pixels)
     if hasattr(image, "read"):
         return _decode(image, getattr(image, "name", "the file"), max_pixels, work_pixels)
@@ -121,26 +151,45 @@ def open_image(image: Any, max_pixels: int | None = None, work_pixels: int | Non
     )
 
 
+def _check_file_size(size: int, max_bytes: int | None, name: str) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise ImageTooLargeError(
+            f"{name}: the file is {size / 2**20:.1f} MB, more than the {max_bytes / 2**20:g} MB accepted here: "
+            "save the picture smaller",
+            file_bytes=size,
+        )
+
+
 def _decode(source, name: str, max_pixels: int | None, work_pixels: int | None) -> Image.Image:
-    try:
-        with warnings.catch_warnings():  # the size is checked here, before decoding
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as im:
-                width, height = im.size
-                if max_pixels is not None and width * height > max_pixels:
-                    raise ImageTooLargeError(
-                        f"the image is {width}x{height} pixels, more than the {max_pixels / 1e6:.0f} megapixels "
-                        "accepted here: scale it down"
-                    )
+    """Open (header only), check the size, then decode. Each step's failure has its own error type."""
+    with warnings.catch_warnings():  # the size is checked here, before decoding
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(source)
+        except Image.DecompressionBombError as err:  # over twice PIL's own limit: refused before our check
+            raise ImageTooLargeError(f"{name}: {err}") from None
+        except Exception as err:  # UnidentifiedImageError, OSError, SyntaxError...: not an image file
+            raise InvalidImageError(f"{name}: not an image file PIL can read ({type(err).__name__}: {err})") from None
+        with im:
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{name}: the image is {width}x{height} pixels, more than the {max_pixels / 1e6:.0f} megapixels "
+                    "accepted here: scale it down",
+                    size=(width, height),
+                )
+            try:
                 if work_pixels is not None and im.format == "JPEG" and width * height > work_pixels:
                     scale = (work_pixels / (width * height)) ** 0.5
                     im.draft(im.mode, (int(width * scale) + 1, int(height * scale) + 1))
                 im.load()
                 return ImageOps.exif_transpose(im)
-    except InvalidImageError:
-        raise
-    except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError...
-        raise InvalidImageError(f"{name}: not an image file PIL can read ({type(err).__name__}: {err})") from None
+            except Exception as err:  # the header read, the data did not: truncated or corrupt
+                raise DamagedImageError(
+                    f"{name}: the {im.format or 'image'} file is damaged or cut short ({type(err).__name__}: {err})",
+                    format=im.format,
+                    reason=str(err),
+                ) from None
 
 
 def _gray_alpha(image: Image.Image, max_input_pixels: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -440,7 +489,10 @@ class HMERImageProcessor(BaseImageProcessor):
 
         Raises `BlankImageError` (a ValueError) when the image has no ink.
         """
-        ink = self.ink_map(image)
+        return self.model_image_from_ink(self.ink_map(image))
+
+    def model_image_from_ink(self, ink: np.ndarray) -> np.ndarray:
+        """`to_model_image` from the image's `ink_map` (for callers that also read the ink map itself)."""
         binary = ink >= 0.5
         box = _bbox(binary)
         if box is None:

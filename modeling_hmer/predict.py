@@ -1,11 +1,13 @@
 """Read handwritten math from image files and print LaTeX: a command line over `HMERImageToLatexPipeline`.
 
     python -m modeling_hmer.predict IMAGE [IMAGE ...] [--model DIR_OR_HUB_ID] [--num_beams N] [--json]
-                                    [--attention_dir DIR] [--max_new_tokens N]
+                                    [--attention_dir DIR] [--max_new_tokens N] [--read_anything]
 
 Prints one line per image, `path<TAB>latex`, or with --json a list of {"image", "latex", "score", "share",
 "candidates", "ms"} (see the pipeline for what the numbers mean). An image that cannot be read is reported on
-stderr (and as {"image", "error"} in JSON) and the others are still read; the exit code is then 1.
+stderr (and as {"image", "error"} in JSON) and the others are still read; the exit code is then 1. So is a
+picture that is not a handwritten expression (noise, a photo, a page of text: the pipeline's expression check),
+unless --read_anything turns the check off.
 --attention_dir writes, per image, one PNG per output token: the token's attention as a heat map over the
 processed image (file `<image>_<step>_<token>.png`).
 
@@ -44,7 +46,8 @@ def token_file_name(token: str) -> str:
     return name or "u" + "".join(f"{ord(c):04x}" for c in token)
 
 
-def load_pipeline(model: str | None, num_beams: int | None, max_new_tokens: int | None):
+def load_pipeline(model: str | None, num_beams: int | None, max_new_tokens: int | None,
+                  check_expression: bool = True):
     """--model -> the pipeline (raises ModelNotFoundError with what to do)."""
     from transformers import pipeline
     from transformers.utils import logging as hf_logging
@@ -57,7 +60,7 @@ def load_pipeline(model: str | None, num_beams: int | None, max_new_tokens: int 
     settings = {key: value for key, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens))
                 if value is not None}
     try:
-        return pipeline(PIPELINE_TASK, model=model_id, **settings)
+        return pipeline(PIPELINE_TASK, model=model_id, check_expression=check_expression, **settings)
     except OSError as err:
         raise ModelNotFoundError(f"cannot load the model {model_id!r}: {err}") from None
 
@@ -77,7 +80,8 @@ def save_attention_maps(folder: Path, image_name: str, result: dict) -> list[Pat
 
 
 def predict_file(reader, path: str, attention_dir: Path | None) -> dict:
-    """Reads one image file -> dict(image, latex, score, share, candidates, ms). Raises InvalidImageError."""
+    """Reads one image file -> dict(image, latex, score, share, candidates, ms). Raises InvalidImageError (its
+    kind NotAnExpressionError for a picture that is not handwriting)."""
     start = time.perf_counter()
     result = reader(path, return_attentions=attention_dir is not None)
     ms = (time.perf_counter() - start) * 1000.0
@@ -104,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print a JSON list with latex, score and ms per image")
     parser.add_argument("--attention_dir", type=Path, default=None, help="write one attention heat map per token here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--read_anything", action="store_true",
+                        help="read every picture, even one that does not look like a handwritten expression")
     return parser
 
 
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        reader = load_pipeline(args.model, args.num_beams, args.max_new_tokens)
+        reader = load_pipeline(args.model, args.num_beams, args.max_new_tokens, not args.read_anything)
     except ModelNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -2,10 +2,16 @@
 
 The page shows the LaTeX (with a copy button), the formula rendered by KaTeX (bundled with
 gradio's frontend, so it renders with no network), the n best candidates with their share of the
-model's confidence, the time taken, and an attention gallery: for every written symbol, the
-decoder's attention over the encoder feature map (stride 16), upsampled and laid over the image
-the model saw. Pictures that are not a handwritten expression (noise, photos, pages of text) are
-refused with a message before decoding (`modeling_hmer.expression_check`).
+model's belief, the time taken, and an attention gallery: for every written symbol, the
+decoder's attention over the encoder feature map, upsampled and laid over the image the model saw.
+
+The app is a thin layer over the image-to-latex pipeline (`modeling_hmer.pipeline_hmer`), which
+does all the reading: it opens files (`open_image`, with this demo's size limits), refuses
+pictures that are not a handwritten expression (noise, photos, pages of text) before decoding,
+bounds decoding by the ink, reduces the beams for large pictures (`max_decoding_cost`) and
+draws the attention heat maps. What is left here is the page: the sketch pad and upload tabs,
+the words for each kind of bad picture (chosen by the error's type), the candidates table and
+the gallery.
 
 Run locally from a checkout:
 
@@ -24,16 +30,15 @@ GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose where it listens. The API endpoin
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 HERE = Path(__file__).resolve().parent
 if not (HERE / "modeling_hmer").is_dir() and (HERE.parent / "modeling_hmer").is_dir():
@@ -47,6 +52,11 @@ logger = logging.getLogger("hmer.space")
 
 # The model folder next to app.py (a Space upload) or the repository's shipped checkpoint.
 DEFAULT_MODEL_DIRS = (HERE / "checkpoints", HERE.parent / "checkpoints")
+WHAT_TO_DO = (
+    "Train a model and save it there (see README.md, 'Training'), or set HMER_MODEL to a "
+    "folder written by save_pretrained (config.json, model.safetensors, processor files) "
+    "or to a Hugging Face Hub model id."
+)
 EXAMPLES = sorted((HERE / "examples").glob("*.png"))
 # What each input says when it holds nothing (each names what to do on that tab / in that call).
 EMPTY_DRAWING = ("the sketch pad is empty: draw an expression with the mouse, or load an example below it "
@@ -54,24 +64,27 @@ EMPTY_DRAWING = ("the sketch pad is empty: draw an expression with the mouse, or
 EMPTY_UPLOAD = "no picture yet: upload a picture of a handwritten expression, or pick an example below"
 NO_FILE = "no image given: pass an image file, e.g. handle_file('formula.png')"
 BLANK_PICTURE = "the picture is blank (one colour, no ink): upload a picture of a handwritten expression"
+NOT_A_PICTURE = ("this file is not a picture this demo can read: upload a PNG, JPEG or WebP picture of a "
+                 "handwritten expression")
 HINT = "Draw an expression (or upload a picture of one) and press **Recognize**."
 DEFAULT_BEAMS = 5
 MAX_BEAMS = 10
 N_BEST = 5
 # Uploads larger than this are refused before decoding (10000x10000 = 100 MP is still accepted).
 MAX_PIXELS = 120_000_000
-# Larger images are shrunk (cheaply, by an integer factor) before the image processor sees them:
-# a formula needs far fewer pixels and the processor rescales to ~22 px per symbol anyway.
+# Larger JPEGs are decoded at a reduced scale (the image processor box-filters other huge pictures to about
+# this size itself): a formula needs far fewer pixels, the processor rescales to ~22 px per symbol anyway.
 WORK_PIXELS = 4_000_000
 # Files over MAX_FILE_BYTES are refused by the app with a message; gradio's own limit (a bare "Error" in
 # the upload box) sits well above it, for what is not worth receiving at all.
 MAX_FILE_BYTES = 10 * 1024 * 1024
 MAX_FILE_SIZE = "50mb"
 # Decoding time per step grows with the feature-map cells and the beams (measured on 2 shared cores:
-# ~25 us per cell for greedy; beam 5 x1.4, beam 10 x2.9). Beams are reduced when the longest reading
-# the ink allows would take longer than this.
+# ~25 us per cell for greedy). The pipeline reduces the beams when the longest reading the ink allows
+# would take longer than DECODE_SECONDS (its `max_decoding_cost`, in greedy cell-steps).
 DECODE_SECONDS = 5.0
 SECONDS_PER_CELL_STEP = 25e-6
+MAX_DECODING_COST = DECODE_SECONDS / SECONDS_PER_CELL_STEP
 LATEX_DELIMITERS = [{"left": "$$", "right": "$$", "display": True}]
 # Tokens that only give the others their structure: they have no attention picture of their own.
 STRUCTURAL_TOKENS = {"{", "}", "^", "_", "\\limits"}
@@ -85,220 +98,106 @@ SYMBOL_NAMES = {
 }  # fmt: skip
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """No usable model at the place HMER_MODEL (or the default) points to."""
+# ----------------------------------------------------------------------------------------------
+# The model: the image-to-latex pipeline and the module it comes from
+# ----------------------------------------------------------------------------------------------
 
 
-class UserInputError(ValueError):
-    """Bad input from the user; its message is shown as is."""
+def hmer_code(model: str | None = None) -> ModuleType:
+    """The pipeline's module (`resolve_model`, `open_image`, `attention_heatmap`, the error types): the
+    installed package's, else the copy a model folder carries (a Space holding only app.py and the model).
+
+    `model`: where to find that copy when no default folder holds one (a Hub id named by HMER_MODEL).
+    """
+    try:
+        from modeling_hmer import pipeline_hmer
+
+        return pipeline_hmer
+    except ImportError:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    source = next((str(d) for d in DEFAULT_MODEL_DIRS if (d / "pipeline_hmer.py").is_file()), model)
+    if source is None:
+        raise FileNotFoundError(f"no trained model in {DEFAULT_MODEL_DIRS[-1]}. {WHAT_TO_DO}")
+    try:
+        pipeline_class = get_class_from_dynamic_module("pipeline_hmer.HMERImageToLatexPipeline", source)
+    except (OSError, ValueError) as error:  # no such folder or Hub id, or no pipeline_hmer.py in it
+        raise FileNotFoundError(f"no HMER model code in {source} ({error}). {WHAT_TO_DO}") from None
+    return sys.modules[pipeline_class.__module__]
 
 
-def resolve_model_path(model_path: str | os.PathLike | None = None) -> str:
-    """Return the folder or Hub id to load: `model_path`, else env HMER_MODEL, else <repo>/checkpoints.
+def find_model(model_path: str | os.PathLike | None = None) -> str:
+    """The folder or Hub id to load: `model_path`, else env HMER_MODEL, else the first of DEFAULT_MODEL_DIRS.
 
-    A string that is not an existing path is taken as a Hub id only when it was named
-    (argument or HMER_MODEL) and looks like one ("owner/name"); the default never reaches the Hub.
+    The pipeline module's `resolve_model` rule: a Hub id only when one is named, never by default. Raises
+    `ModelNotFoundError` (a FileNotFoundError) saying what to do.
     """
     named = model_path if model_path is not None else os.environ.get("HMER_MODEL") or None
-    what_to_do = (
-        "Train a model and save it there (see README.md, 'Training'), or set HMER_MODEL to a "
-        "folder written by save_pretrained (config.json, model.safetensors, processor files) "
-        "or to a Hugging Face Hub model id."
-    )
-    if named is None:
-        path = next((p for p in DEFAULT_MODEL_DIRS if p.is_dir()), DEFAULT_MODEL_DIRS[-1])
-    else:
-        path = Path(named)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"No HMER model in {path}: it has no config.json. {what_to_do}")
-        return str(path)
-    if named is not None:
-        text = str(named)
-        parts = text.split("/")
-        if len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not path.exists():
-            return text  # a Hub id the user asked for
-        raise ModelNotFoundError(f"HMER_MODEL={text!r} is neither a model folder nor a Hub id. {what_to_do}")
-    raise ModelNotFoundError(f"No HMER model found: {path} does not exist. {what_to_do}")
+    return hmer_code(None if named is None else str(named)).resolve_model(named, DEFAULT_MODEL_DIRS, WHAT_TO_DO)
 
 
-# ----------------------------------------------------------------------------------------------
-# Input images
-# ----------------------------------------------------------------------------------------------
+def load_pipeline(model_path: str, device: str):
+    """`pipeline("image-to-latex")` for the model, with this demo's decoding budget."""
+    from transformers import pipeline
 
-
-def flatten(image: Image.Image, background: int = 255) -> Image.Image:
-    """Any PIL image -> mode "L", transparent parts filled with `background` (white by default)."""
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        under = Image.new("RGBA", rgba.size, (background, background, background, 255))
-        image = Image.alpha_composite(under, rgba)
-    return image.convert("L")
-
-
-def shrink(image: Image.Image, max_pixels: int = WORK_PIXELS) -> Image.Image:
-    """Reduce by an integer factor until at most `max_pixels` (fast box filter; keeps thin strokes)."""
-    factor = 1
-    while image.width * image.height > max_pixels * factor * factor:
-        factor += 1
-    return image.reduce(factor) if factor > 1 else image
-
-
-def is_blank(image: Image.Image) -> bool:
-    """True when the image holds no visible ink: uniform (up to noise) on white and on black.
-
-    Both backgrounds, so that white ink on a transparent background counts as ink.
-    """
-    def uniform(gray: Image.Image) -> bool:
-        low, high = gray.getextrema()
-        return high - low < 32
-
-    if image.width == 0 or image.height == 0:
-        return True
-    return uniform(flatten(image, 255)) and uniform(flatten(image, 0))
-
-
-def open_image_file(path: str | os.PathLike) -> Image.Image:
-    """Open an uploaded file, refusing non-images, damaged and huge images with a message; see `prepare_image`."""
-    size = os.path.getsize(path)
-    if size > MAX_FILE_BYTES:
-        raise UserInputError(f"the file is {size / 2**20:.1f} MB, more than the {MAX_FILE_BYTES // 2**20} MB this "
-                             "demo accepts: save the picture smaller (a formula needs no more than a few "
-                             "hundred kB) and upload it again")
     try:
-        with warnings.catch_warnings():  # the size is checked here, before decoding
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-    except (UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError, OSError) as error:
-        raise UserInputError("this file is not a picture this demo can read: upload a PNG, JPEG or WebP "
-                             "picture of a handwritten expression") from None
-    width, height = image.size
-    if width * height > MAX_PIXELS:
-        raise UserInputError(
-            f"the picture is {width}x{height} pixels, more than the {MAX_PIXELS // 1_000_000} "
-            "megapixels this demo accepts: scale it down and upload it again"
-        )
-    try:
-        if image.format == "JPEG" and width * height > WORK_PIXELS:  # decode at a reduced scale directly
-            scale = (WORK_PIXELS / (width * height)) ** 0.5
-            image.draft(image.mode, (int(width * scale) + 1, int(height * scale) + 1))
-        image.load()
-        image = ImageOps.exif_transpose(image)  # photos taken sideways
-    except (Image.DecompressionBombError, SyntaxError, ValueError, OSError) as error:
-        raise UserInputError(f"this {image.format or 'image'} file is damaged or cut short, so it cannot be "
-                             f"read ({error}): save or export the picture again and upload the new "
-                             "file") from None
-    return prepare_image(image, empty_message=BLANK_PICTURE)
+        import modeling_hmer  # noqa: F401  (registers the task)
 
-
-def prepare_image(image: Image.Image | np.ndarray | None, on_white: bool = False,
-                  empty_message: str = EMPTY_DRAWING) -> Image.Image:
-    """PIL or numpy image -> PIL image of workable size; blank or missing -> UserInputError(empty_message).
-
-    Uploads keep their mode (the image processor reads either polarity and transparency); the
-    sketch pad's drawing is flattened on white (`on_white`), as the canvas shows it.
-    """
-    if image is None:
-        raise UserInputError(empty_message)
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    image = shrink(image)
-    if is_blank(image):
-        raise UserInputError(empty_message)
-    return flatten(image) if on_white else image
-
-
-def sketch_to_image(sketch) -> Image.Image | None:
-    """The sketch pad's value ({"background", "layers", "composite"}) -> its composite image, if any."""
-    if sketch is None:
-        return None
-    if isinstance(sketch, dict):
-        composite = sketch.get("composite")
-        if composite is None:
-            layers = [layer for layer in (sketch.get("background"), *(sketch.get("layers") or [])) if layer is not None]
-            composite = layers[0] if layers else None
-        return composite
-    return sketch
-
-
-# ----------------------------------------------------------------------------------------------
-# The model: Recognizer.recognize is the one way this app reads an image
-# ----------------------------------------------------------------------------------------------
+        remote = {}
+    except ImportError:
+        # No package here: a saved model carries the code (its config names the pipeline), loaded as remote code.
+        logger.info("modeling_hmer is not installed: loading %s with trust_remote_code", model_path)
+        remote = {"trust_remote_code": True}
+    return pipeline("image-to-latex", model=model_path, device=device, max_decoding_cost=MAX_DECODING_COST,
+                    **remote)
 
 
 @dataclass
 class Recognition:
     """What one recognition returns.
 
-    latex: the best candidate, space-separated canonical LaTeX tokens.
-    tokens: its tokens (no special tokens); attention_maps: (len(tokens), H, W) float in [0, 1]
-        over `model_input`, the processed image (H, W) uint8, black ink on white.
-    candidates: n best (latex, share), best first; share: the candidate's part of the model's
-        confidence in all n (length-normalised sequence probabilities, summing to 1).
+    latex: the best candidate, space-separated canonical LaTeX tokens; tokens: its tokens.
+    candidates: the distinct n best (latex, share), best first (the model's ranking); share: the pipeline's,
+        each candidate's probability as a part of their total (summing to 1).
+    model_input: the processed image (H, W) float in [0, 1], ink 1.0 on 0.0; attention_maps: (len(tokens),
+        H, W) in [0, 1] over it (both None when recognized without attention).
+    num_beams: the beams used (fewer than asked_beams for a large picture).
     """
 
     latex: str
     tokens: list[str]
     candidates: list[tuple[str, float]]
-    model_input: np.ndarray
+    model_input: np.ndarray | None
     attention_maps: np.ndarray | None
     seconds: float
-    extras: dict = field(default_factory=dict)
-
-
-def affordable_beams(num_beams: int, max_new_tokens: int, cells: int, budget: float = DECODE_SECONDS) -> int:
-    """The largest beam size <= num_beams whose longest decoding (max_new_tokens steps over `cells`
-    feature cells) stays within `budget` seconds by the measured per-step cost."""
-    def seconds(beams: int) -> float:
-        return max_new_tokens * cells * SECONDS_PER_CELL_STEP * (1 + 0.2 * (beams - 1))
-
-    while num_beams > 1 and seconds(num_beams) > budget:
-        num_beams -= 1
-    return num_beams
-
-
-def candidate_shares(scores: list[float], length: int) -> list[float]:
-    """Length-normalised log-prob scores (the model's ranking) -> shares summing to 1, same order.
-
-    exp(length * score) is the sequence probability of a candidate of the best one's length, so
-    for candidates of equal length the shares are their probabilities' shares exactly.
-    """
-    logits = np.asarray(scores, dtype=np.float64) * max(length, 1)
-    weights = np.exp(logits - logits.max())
-    return (weights / weights.sum()).tolist()
+    num_beams: int
+    asked_beams: int
 
 
 class Recognizer:
-    """Model + processor, loaded once; `recognize(image)` -> Recognition."""
+    """The image-to-latex pipeline, loaded once; `recognize(image)` -> Recognition.
+
+    `hmer` is the pipeline's own module: the error types it raises (also when loaded as remote code, whose
+    types are that copy's), `open_image` and `attention_heatmap` all come from it.
+    """
 
     def __init__(self, model_path: str, device: str | None = None):
         self.model_path = model_path
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        try:
-            from modeling_hmer import HMERForConditionalGeneration, HMERProcessor
-
-            self.processor = HMERProcessor.from_pretrained(model_path)
-            model = HMERForConditionalGeneration.from_pretrained(model_path)
-        except ImportError:
-            # No package here (e.g. a Space holding only app.py and the model): saved models carry
-            # their code and an auto_map, so the Auto classes can load them.
-            from transformers import AutoModelForImageTextToText, AutoProcessor
-
-            logger.info("modeling_hmer is not installed: loading %s with trust_remote_code", model_path)
-            self.processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
-            model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True)
-        self.model = model.to(self.device).eval()
-        self.tokenizer = self.processor.tokenizer
-        self.special_ids = set(self.tokenizer.all_special_ids)
-        # Pixels per feature-map cell: 16 for densenet-b, 32 for densenet121.
-        self.stride = int(getattr(self.model.config, "encoder_stride", 16))
+        self.pipe = load_pipeline(model_path, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.hmer = sys.modules[type(self.pipe).__module__]
+        self.model, self.processor, self.tokenizer = self.pipe.model, self.pipe.processor, self.pipe.tokenizer
         self.max_new_tokens = int(self.model.generation_config.max_new_tokens or 200)
         # Models saved before the expression check carry a processor without it: they read everything.
-        self.checks = hasattr(self.processor, "check_image")
+        self.checks = self.pipe.checks_expressions
         # Overrides of the processor's ExpressionLimits for the confidence check (none by default).
         self.answer_limits: dict = {}
         if not self.checks:
             logger.warning("the model's processor cannot tell handwriting from other pictures: no refusals")
+
+    def open_file(self, path: str | os.PathLike) -> Image.Image:
+        """An uploaded file -> PIL image; too large, damaged and non-image files raise the pipeline's error
+        types before they are decoded."""
+        return self.hmer.open_image(path, max_pixels=MAX_PIXELS, work_pixels=WORK_PIXELS, max_bytes=MAX_FILE_BYTES)
 
     def warmup(self) -> float:
         """Run greedy and beam search once on a synthetic drawing; returns seconds taken."""
@@ -308,121 +207,91 @@ class Recognizer:
         self.recognize(image, num_beams=DEFAULT_BEAMS)
         return time.perf_counter() - start
 
-    def _inputs(self, image: Image.Image):
-        """image -> (model inputs, max new tokens, feature cells); bad pictures -> UserInputError."""
-        try:
-            if self.checks:
-                inputs, stats = self.processor.check_image(image)
-                return inputs, self.processor.max_new_tokens_for(stats, self.max_new_tokens), stats["cells"]
-            inputs = self.processor(images=image, return_tensors="pt")
-        except ValueError as error:  # BlankImageError, NotAnExpressionError: messages for the user
-            raise UserInputError(str(error)) from None
-        height, width = inputs["pixel_values"].shape[-2:]
-        return inputs, self.max_new_tokens, math.ceil(height / 16) * math.ceil(width / 16)
-
-    @torch.inference_mode()
     def recognize(self, image: Image.Image, num_beams: int = DEFAULT_BEAMS, n_best: int = N_BEST,
                   attention: bool = True) -> Recognition:
+        """Read one picture. Raises the pipeline's `InvalidImageError` kinds for one that gives no reading."""
         start = time.perf_counter()
-        inputs, max_new_tokens, cells = self._inputs(image)
         asked = max(1, min(int(num_beams), MAX_BEAMS))
-        num_beams = affordable_beams(asked, max_new_tokens, cells)
-        n_best = max(1, min(n_best, num_beams))
-        pixel_values = inputs["pixel_values"].to(self.device)
-        pixel_mask = inputs.get("pixel_mask")
-        pixel_mask = pixel_mask.to(self.device) if pixel_mask is not None else None
-        output = self.model.generate(
-            pixel_values=pixel_values,
-            pixel_mask=pixel_mask,
-            num_beams=num_beams,
-            num_return_sequences=n_best,
-            max_new_tokens=max_new_tokens,
-            output_attentions=attention,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-        if self.checks:
-            try:
-                self.processor.check_answer(output, **self.answer_limits)
-            except ValueError as error:  # NotAnExpressionError: the model cannot read it
-                raise UserInputError(str(error)) from None
-        sequences = output.sequences
-        latexes = [self.tokenizer.decode(self._content_ids(row), skip_special_tokens=True) for row in sequences]
-        best_ids = self._content_ids(sequences[0])
-        # The model's ranking score (log-prob per token) -> a share of its confidence in the n best.
-        shares = candidate_shares(output.sequences_scores.tolist(), len(best_ids) + 1)
-        candidates = []
-        for latex, share in zip(latexes, shares):
-            if any(latex == seen for seen, _ in candidates):
-                continue
-            candidates.append((latex, share))
-        total = sum(share for _, share in candidates)
-        candidates = [(latex, share / total) for latex, share in candidates]
-
-        tokens = self.tokenizer.convert_ids_to_tokens(best_ids)
-        model_input = self._model_input(pixel_values[0], None if pixel_mask is None else pixel_mask[0])
-        maps = None
-        if attention and getattr(output, "attentions", None) is not None:
-            maps = self._attention_maps(output.attentions[0], sequences[0], len(tokens), model_input.shape)
+        result = self.pipe(image, num_beams=asked, num_return_sequences=min(n_best, asked),
+                           return_attentions=attention, answer_limits=self.answer_limits)
         return Recognition(
-            latex=candidates[0][0] if candidates else "",
-            tokens=list(tokens),
-            candidates=candidates,
-            model_input=model_input,
-            attention_maps=maps,
+            latex=result["latex"],
+            tokens=list(result["tokens"]),
+            candidates=[(candidate["latex"], candidate["share"]) for candidate in result["candidates"]],
+            model_input=result.get("model_input"),
+            attention_maps=result.get("attentions"),
             seconds=time.perf_counter() - start,
-            extras={"num_beams": num_beams, "asked_beams": asked, "max_new_tokens": max_new_tokens},
+            num_beams=result["num_beams"],
+            asked_beams=asked,
         )
 
-    # -- helpers ------------------------------------------------------------------------------
+    def heatmap(self, result: Recognition, k: int) -> Image.Image:
+        """The attention picture of token k, twice the size of the model input."""
+        return self.hmer.attention_heatmap(result.model_input, result.attention_maps[k], scale=2)
 
-    def _generated(self, sequence: torch.Tensor) -> list[int]:
-        """Ids after the decoder start token (when the sequence begins with it), up to eos."""
-        ids = sequence.tolist()
-        start = self.model.config.decoder_start_token_id
-        if ids and ids[0] == start:
-            ids = ids[1:]
-        eos = self.model.config.eos_token_id
-        return ids[: ids.index(eos)] if eos in ids else ids
 
-    def _content_ids(self, sequence: torch.Tensor) -> list[int]:
-        return [i for i in self._generated(sequence) if i not in self.special_ids]
+# ----------------------------------------------------------------------------------------------
+# Input pictures: what the visitor sees is what is read; what is wrong is said by type
+# ----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _model_input(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> np.ndarray:
-        """(1, H, W) ink=1 on 0 -> (h, w) uint8 black ink on white, cropped to the valid (unpadded) part."""
-        ink = pixel_values[0].float().clamp(0, 1).cpu().numpy()
-        if pixel_mask is not None:
-            mask = pixel_mask.bool().cpu().numpy()
-            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-            if rows.size and cols.size:
-                ink = ink[: rows[-1] + 1, : cols[-1] + 1]
-        return (255 - ink * 255).round().astype(np.uint8)
 
-    def _attention_maps(self, attention, sequence: torch.Tensor, n_tokens: int, shape: tuple[int, int]):
-        """(L, h, w) attention over the encoder features -> (n_tokens, H, W) in [0, 1] over the image.
+def on_background(image: Image.Image, level: int = 255) -> Image.Image:
+    """A picture in gray, its transparent parts filled with gray `level` (white by default): as a page shows it."""
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (level, level, level, 255)), rgba).convert("L")
+    return image.convert("L")
 
-        Row i of `attention` belongs to the i-th generated token; special tokens are dropped so
-        that map k matches tokens[k].
-        """
-        attention = torch.as_tensor(attention).float().cpu()
-        if attention.dim() == 4:  # (L, heads, h, w): average the heads
-            attention = attention.mean(1)
-        generated = self._generated(sequence)
-        keep = [k for k, i in enumerate(generated) if i not in self.special_ids and k < attention.shape[0]]
-        keep = keep[:n_tokens]
-        if not keep:
-            return None
-        maps = attention[keep]  # (n, h, w)
-        h, w = maps.shape[-2:]
-        up = torch.nn.functional.interpolate(maps[:, None], size=(h * self.stride, w * self.stride),
-                                             mode="bilinear", align_corners=False)[:, 0]
-        up = up[:, : shape[0], : shape[1]]
-        if up.shape[1] < shape[0] or up.shape[2] < shape[1]:  # feature map smaller than the image
-            up = torch.nn.functional.interpolate(up[:, None], size=shape, mode="bilinear",
-                                                 align_corners=False)[:, 0]
-        peak = up.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-        return (up / peak).clamp(0, 1).numpy()
+
+def sketch_to_image(sketch) -> Image.Image | None:
+    """The sketch pad's value ({"background", "layers", "composite"}) -> the drawing as the canvas shows it
+    (black ink on white), or None when there is none."""
+    if sketch is None:
+        return None
+    composite = sketch
+    if isinstance(sketch, dict):
+        composite = sketch.get("composite")
+        if composite is None:
+            layers = [layer for layer in (sketch.get("background"), *(sketch.get("layers") or [])) if layer is not None]
+            composite = layers[0] if layers else None
+    if isinstance(composite, np.ndarray):
+        composite = Image.fromarray(composite)
+    if composite is None or ("A" in composite.getbands() and composite.getchannel("A").getbbox() is None):
+        return None  # nothing painted on the pad (its canvas is transparent until drawn on)
+    return on_background(composite, 255)
+
+
+def explain(error: Exception, hmer: ModuleType, blank_message: str) -> str:
+    """What the page says about a picture the pipeline cannot read, chosen by the error's type."""
+    if isinstance(error, hmer.BlankImageError):
+        return blank_message
+    if isinstance(error, hmer.ImageTooLargeError):
+        if error.file_bytes is not None:
+            return (f"the file is {error.file_bytes / 2**20:.1f} MB, more than the {MAX_FILE_BYTES // 2**20} MB "
+                    "this demo accepts: save the picture smaller (a formula needs no more than a few hundred kB) "
+                    "and upload it again")
+        size = f"{error.size[0]}x{error.size[1]} pixels, " if error.size else ""
+        return (f"the picture is {size}more than the {MAX_PIXELS // 1_000_000} megapixels this demo accepts: "
+                "scale it down and upload it again")
+    if isinstance(error, hmer.DamagedImageError):
+        return (f"this {error.format or 'image'} file is damaged or cut short, so it cannot be read "
+                f"({error.reason}): save or export the picture again and upload the new file")
+    if isinstance(error, hmer.NotAnExpressionError):
+        return str(error)  # why it is refused, and what to do
+    return NOT_A_PICTURE
+
+
+def recognize_or_explain(recognizer: Recognizer, read_image, empty_message: str, blank_message: str,
+                         **options) -> tuple[Recognition | None, str | None]:
+    """`read_image()` (a PIL image, None when there is nothing) -> (Recognition, None), or (None, what to tell
+    the visitor) when there is no picture or the pipeline cannot read it."""
+    try:
+        image = read_image()
+        if image is None:
+            return None, empty_message
+        return recognizer.recognize(image, **options), None
+    except recognizer.hmer.InvalidImageError as error:
+        return None, explain(error, recognizer.hmer, blank_message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,10 +390,11 @@ def typesettable(latex: str) -> str:
 
 
 def candidates_table(candidates: list[tuple[str, float]]) -> str:
-    """n best (latex, share) -> a Markdown table: rank, formula (KaTeX), share, LaTeX."""
+    """n best (latex, share) -> a Markdown table, largest share first: rank, formula (KaTeX), share, LaTeX."""
     rows = [
-        "**Best candidates**: *share* is how the model divides its confidence among these readings "
-        "(length-normalised sequence probabilities, summing to 100%).",
+        "**Best candidates**: *share* is a reading's probability as a part of these readings' total (summing "
+        "to 100%): how the model divides its belief among them, not the chance that one is right. The answer "
+        "above is ranked by probability per symbol, so a shorter reading may hold a larger share.",
         "",
         "| # | formula | share | LaTeX |",
         "|---:|:---:|---:|:---|",
@@ -548,11 +418,14 @@ def symbol_pictures(tokens: list[str], maps: np.ndarray | None) -> list[tuple[in
             for k, token in enumerate(tokens[: len(maps)]) if token not in STRUCTURAL_TOKENS]
 
 
-def preview_of(image: Image.Image) -> Image.Image:
-    """An upload as RGB for its preview: on white, or on black when its ink is white on transparency."""
-    view = flatten(image, 255)
+def preview_of(image: Image.Image, side: int = 1024) -> Image.Image:
+    """An upload as RGB for its preview, at most `side` px: on white, or on black when its ink is white on
+    transparency."""
+    image = image.copy()
+    image.thumbnail((side, side))
+    view = on_background(image, 255)
     low, high = view.getextrema()
-    return (view if high - low >= 32 else flatten(image, 0)).convert("RGB")
+    return (view if high - low >= 32 else on_background(image, 0)).convert("RGB")
 
 
 def synthetic_drawing() -> Image.Image:
@@ -565,17 +438,6 @@ def synthetic_drawing() -> Image.Image:
     draw.line([(180, 45), (180, 105)], fill=0, width=5)
     draw.line([(260, 55), (280, 40), (280, 110)], fill=0, width=5)
     return image
-
-
-def attention_overlay(model_input: np.ndarray, attention: np.ndarray, scale: int = 2) -> Image.Image:
-    """Lay one attention map (H, W in [0, 1]) over the model input (H, W uint8) as a red-yellow heat map."""
-    base = np.repeat(model_input[..., None].astype(np.float32) / 255.0, 3, axis=2)
-    base = 0.35 + 0.65 * base  # dim the page a little so the heat shows
-    heat = np.stack([np.ones_like(attention), np.clip(attention * 1.6 - 0.4, 0, 1), np.zeros_like(attention)], -1)
-    alpha = (0.75 * np.clip(attention, 0, 1) ** 0.8)[..., None]
-    mixed = (1 - alpha) * base + alpha * heat
-    image = Image.fromarray((mixed * 255).round().astype(np.uint8), "RGB")
-    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) if scale > 1 else image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,65 +472,58 @@ def build_demo(model_path: str | os.PathLike | None = None, *, recognizer: Recog
                warmup: bool = True) -> gr.Blocks:
     """Load the model once (from `model_path`, env HMER_MODEL or <repo>/checkpoints) and build the page.
 
-    Raises ModelNotFoundError with what to do when there is no model.
+    Raises ModelNotFoundError (a FileNotFoundError) with what to do when there is no model.
     The returned Blocks has `.recognizer` and is queued; launch it with `launch_kwargs()`.
     """
     if recognizer is None:
-        recognizer = Recognizer(resolve_model_path(model_path))
+        recognizer = Recognizer(find_model(model_path))
     if warmup:
         logger.info("warm-up took %.2f s", recognizer.warmup())
 
-    def show(read_image, num_beams):
-        """Read one tab's input (`read_image()` -> PIL image) -> updates of the result widgets."""
-        try:
-            result = recognizer.recognize(read_image(), num_beams=int(num_beams or DEFAULT_BEAMS))
-        except UserInputError as error:
-            gr.Warning(str(error))
-            return (gr.update(visible=False), "", "", "", [], f"⚠️ {error}")
-        gallery = [
-            (attention_overlay(result.model_input, result.attention_maps[k]), caption)
-            for k, caption in symbol_pictures(result.tokens, result.attention_maps)
-        ]
+    def show(read_image, empty_message, blank_message, num_beams):
+        """Read one tab's input (`read_image()` -> PIL image or None) -> updates of the result widgets."""
+        result, problem = recognize_or_explain(recognizer, read_image, empty_message, blank_message,
+                                               num_beams=int(num_beams or DEFAULT_BEAMS))
+        if problem is not None:
+            gr.Warning(problem)
+            return (gr.update(visible=False), "", "", "", [], f"⚠️ {problem}")
+        gallery = [(recognizer.heatmap(result, k), caption)
+                   for k, caption in symbol_pictures(result.tokens, result.attention_maps)]
         rendered = f"$$ {typesettable(result.latex)} $$" if result.latex else "*(no symbols recognized)*"
-        beams = result.extras["num_beams"]
-        note = "" if beams == result.extras["asked_beams"] else " (a large picture: fewer beams, to answer quickly)"
-        status = (f"recognized in {result.seconds * 1000:.0f} ms · beam {beams}{note} · "
+        note = "" if result.num_beams == result.asked_beams else " (a large picture: fewer beams, to answer quickly)"
+        status = (f"recognized in {result.seconds * 1000:.0f} ms · beam {result.num_beams}{note} · "
                   f"{len(gallery)} symbols, {len(result.tokens)} tokens")
         return (gr.update(visible=True), result.latex, rendered, candidates_table(result.candidates), gallery,
                 status)
 
     def recognize_drawing(sketch, num_beams):
-        return show(lambda: prepare_image(sketch_to_image(sketch), on_white=True), num_beams)
+        return show(lambda: sketch_to_image(sketch), EMPTY_DRAWING, EMPTY_DRAWING, num_beams)
 
     def recognize_upload(path, num_beams):
-        def read():
-            if path is None:
-                raise UserInputError(EMPTY_UPLOAD)
-            return open_image_file(path)
-
-        return show(read, num_beams)
+        return show(lambda: None if path is None else recognizer.open_file(path), EMPTY_UPLOAD, BLANK_PICTURE,
+                    num_beams)
 
     def preview_upload(path):
         """On upload: show the picture as it will be read, or say at once what is wrong with the file."""
         if path is None:
             return gr.update(value=None, visible=False), HINT
         try:
-            image = open_image_file(path)
-        except UserInputError as error:
-            gr.Warning(str(error))
-            return gr.update(value=None, visible=False), f"⚠️ {error}"
+            image = recognizer.open_file(path)
+            recognizer.processor.image_processor.ink_map(image)  # raises BlankImageError for a blank picture
+        except recognizer.hmer.InvalidImageError as error:
+            problem = explain(error, recognizer.hmer, BLANK_PICTURE)
+            gr.Warning(problem)
+            return gr.update(value=None, visible=False), f"⚠️ {problem}"
         return gr.update(value=preview_of(image), visible=True), HINT
 
     def recognize_api(image_file, num_beams=DEFAULT_BEAMS):
         """Image file -> (latex, [{"latex", "share"}, ...] best first, seconds)."""
-        try:
-            if image_file is None:
-                raise UserInputError(NO_FILE)
-            path = image_file if isinstance(image_file, (str, os.PathLike)) else image_file.name
-            result = recognizer.recognize(open_image_file(path), num_beams=int(num_beams or DEFAULT_BEAMS),
-                                          attention=False)
-        except UserInputError as error:
-            raise gr.Error(str(error), print_exception=False) from None
+        path = image_file if image_file is None or isinstance(image_file, (str, os.PathLike)) else image_file.name
+        result, problem = recognize_or_explain(
+            recognizer, lambda: None if path is None else recognizer.open_file(path), NO_FILE, BLANK_PICTURE,
+            num_beams=int(num_beams or DEFAULT_BEAMS), attention=False)
+        if problem is not None:
+            raise gr.Error(problem, print_exception=False)
         candidates = [{"latex": latex, "share": round(share, 4)} for latex, share in result.candidates]
         return result.latex, candidates, round(result.seconds, 4)
 
@@ -701,7 +556,7 @@ def build_demo(model_path: str | os.PathLike | None = None, *, recognizer: Recog
                                 "one, then press Recognize", elem_id="draw-examples")
             with gr.Tab("Upload", id="upload"):
                 # gr.File, not gr.Image: the file reaches the app undecoded, so a broken, truncated or
-                # huge upload is refused by open_image_file with a message (gr.Image would fail in its
+                # huge upload is refused by open_file with a message (gr.Image would fail in its
                 # own preprocessing with a bare "Error").
                 upload = gr.File(label="Picture of a formula (PNG, JPEG or WebP, up to 10 MB)",
                                  file_types=["image"], type="filepath", height=120, elem_id="upload")
@@ -766,7 +621,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("HMER_THREADS", "1")))
     try:
         demo = build_demo()
-    except ModelNotFoundError as error:
+    except FileNotFoundError as error:  # ModelNotFoundError: no model where HMER_MODEL or the default points
         sys.exit(f"error: {error}")
     # server_name / server_port default to GRADIO_SERVER_NAME / GRADIO_SERVER_PORT.
     demo.launch(**launch_kwargs())

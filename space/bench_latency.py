@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     workdir = tempfile.TemporaryDirectory()
     try:
-        model_path, weights = app.resolve_model_path(args.model), "trained"
-    except app.ModelNotFoundError:
+        model_path, weights = app.find_model(args.model), "trained"
+    except FileNotFoundError:  # ModelNotFoundError
         model_path, weights = str(random_model(Path(workdir.name), args.tokens)), f"random, {args.tokens} tokens"
 
     demo = app.build_demo(model_path)

@@ -4,6 +4,9 @@ Fixtures:
     tiny_config_kwargs  -> dict of HMERConfig arguments for a tiny model (a few thousand parameters)
     tiny_model_dir      -> path of a saved tiny model + processor (session-scoped, save_pretrained format,
                            with auto_map and code files: loads with Auto classes and trust_remote_code)
+    space_model_dir     -> that model made sure of its tokens, ending every answer after 3 (`biased_model`;
+                           it passes the answer check with TEST_MODEL_LIMITS)
+    endless_model_dir   -> that model never writing eos (the answer check refuses all it reads)
     draw_expression     -> function(zoom=60, brush=4, invert=False, ...) -> PIL image of a hand-drawn
                            "x^2 + 1 = y" (see `draw_expression_image`)
     expression_strokes  -> the strokes of that drawing (list of (N, 2) float arrays, y down)
@@ -117,6 +120,47 @@ def tiny_model_dir(tmp_path_factory, tiny_config_kwargs) -> Path:
     model.save_pretrained(folder)
     HMERProcessor(HMERImageProcessor(), HMERTokenizer()).save_pretrained(folder)
     return folder
+
+
+def biased_model(tiny_model_dir, folder: Path, eos_bias: float) -> Path:
+    """The tiny random model, made sure of its tokens, to write 3 to 8 real symbols (never <unk>), with
+    `eos_bias` on eos."""
+    import torch
+
+    from modeling_hmer import HMERForConditionalGeneration, HMERProcessor
+
+    model = HMERForConditionalGeneration.from_pretrained(tiny_model_dir)
+    processor = HMERProcessor.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        # sharpen the random logits: a model sure of its (random) tokens, as a trained one is
+        model.decoder.lm_head.weight *= 100
+        model.decoder.lm_head.bias *= 100
+        model.decoder.lm_head.bias[processor.tokenizer.unk_token_id] = -1e4
+        model.decoder.lm_head.bias[processor.tokenizer.eos_token_id] += eos_bias
+    model.generation_config.min_new_tokens = 3
+    model.generation_config.max_new_tokens = 8
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+# The test model's eos bias makes every token before eos improbable (generate's log-softmax comes before
+# min_new_tokens bans eos), so its answers pass the confidence check only with no probability floor;
+# test_unsure_model_is_refused checks that floor on its own.
+TEST_MODEL_LIMITS = {"min_mean_log_prob": -1e9}
+
+
+@pytest.fixture(scope="session")
+def space_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A tiny random model that ends every reading with eos after its 3 symbols (a finished answer); the
+    Space's tests serve it, the pipeline's read with it."""
+    return biased_model(tiny_model_dir, tmp_path_factory.mktemp("space_model"), eos_bias=1e4)
+
+
+@pytest.fixture(scope="session")
+def endless_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A tiny random model that never writes eos: the model "finds no end" to whatever it reads."""
+    return biased_model(tiny_model_dir, tmp_path_factory.mktemp("endless_model"), eos_bias=-1e4)
 
 
 @pytest.fixture(scope="session")

@@ -10,22 +10,44 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
+from conftest import TEST_MODEL_LIMITS
 from modeling_hmer import (
     BlankImageError,
+    DamagedImageError,
     HMERForConditionalGeneration,
     HMERImageToLatexPipeline,
     HMERProcessor,
+    ImageTooLargeError,
     InvalidImageError,
     ModelNotFoundError,
+    NotAnExpressionError,
     attention_heatmap,
     resolve_model,
 )
+from modeling_hmer.pipeline_hmer import affordable_beams
 
 
 @pytest.fixture(scope="module")
 def reader(tiny_model_dir):
+    """The random model: no answer of it is a reading (unsure, and unfinished in 6 tokens), so the expression
+    check is off here; the tests at the end check it with models made sure of their tokens."""
     torch.set_num_threads(1)
-    return pipeline("image-to-latex", model=str(tiny_model_dir), max_new_tokens=6)
+    return pipeline("image-to-latex", model=str(tiny_model_dir), max_new_tokens=6, check_expression=False)
+
+
+@pytest.fixture(scope="module")
+def checked(space_model_dir):
+    """A reader with the expression check on, over a model that finishes every answer (3 tokens), and a log of
+    the `generate` calls it makes."""
+    reader = pipeline("image-to-latex", model=str(space_model_dir), answer_limits=TEST_MODEL_LIMITS)
+    generate, reader.generate_calls = reader.model.generate, []
+
+    def logged(*args, **kwargs):
+        reader.generate_calls.append(kwargs)
+        return generate(*args, **kwargs)
+
+    reader.model.generate = logged
+    return reader
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +148,103 @@ def test_open_image_limits_and_orientation(tmp_path):
     buffer = io.BytesIO()
     photo.save(buffer, "JPEG", exif=exif)
     assert open_image(buffer.getvalue()).size == (20, 60)
+
+
+def test_open_image_file_limits_and_damaged_files(tmp_path, draw_expression):
+    from modeling_hmer import open_image
+
+    drawing = tmp_path / "drawing.png"
+    draw_expression().save(drawing)
+    size = drawing.stat().st_size
+    with pytest.raises(ImageTooLargeError, match="MB") as error:
+        open_image(drawing, max_bytes=size - 1)
+    assert error.value.file_bytes == size and error.value.size is None
+    with pytest.raises(ImageTooLargeError):
+        open_image(drawing.read_bytes(), max_bytes=size - 1)
+    assert open_image(drawing, max_bytes=size).size == Image.open(drawing).size
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(drawing.read_bytes()[: size * 6 // 10])
+    with pytest.raises(DamagedImageError, match="damaged or cut short") as error:
+        open_image(cut)
+    assert error.value.format == "PNG" and error.value.reason
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    with pytest.raises(InvalidImageError) as error:
+        open_image(text)
+    assert type(error.value) is InvalidImageError
+
+
+# ------------------------------------------------------------------------------------------------
+# The expression check: "is this handwriting?", in the pipeline for every caller
+
+
+def noise_picture() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 800, 3), dtype=np.uint8))
+
+
+def test_noise_is_refused_by_type_before_decoding(checked):
+    before = len(checked.generate_calls)
+    for picture, reason in ((noise_picture(), "shaded like a photo"), (noise_picture().crop((0, 0, 5, 5)), "too small")):
+        with pytest.raises(NotAnExpressionError, match=reason) as error:
+            checked(picture)
+        assert isinstance(error.value, InvalidImageError) and error.value.statistics
+    assert len(checked.generate_calls) == before, "a refused picture reached the decoder"
+
+
+def test_decoding_is_bounded_by_the_ink(checked, draw_expression):
+    drawing = draw_expression()
+    result = checked(drawing, num_beams=2, max_new_tokens=500)
+    bound = checked.generate_calls[-1]["max_new_tokens"]
+    _, ink = checked.processor.check_image(drawing)
+    assert bound == checked.processor.max_new_tokens_for(ink, 500) < 100  # a few tokens per piece of ink
+    assert result["latex"] and result["num_beams"] == 2
+    checked(drawing, num_beams=2, max_new_tokens=500, check_expression=False)
+    assert checked.generate_calls[-1]["max_new_tokens"] == 500  # unchecked: the limit asked for
+
+
+def test_check_expression_false_reads_anything(checked):
+    result = checked(noise_picture(), check_expression=False)
+    assert len(result["tokens"]) == 3 and result["latex"]
+
+
+def test_blank_picture_raises_blank_image_error_checked_or_not(checked):
+    for check in (True, False):
+        with pytest.raises(BlankImageError):
+            checked(Image.new("L", (400, 200), 255), check_expression=check)
+
+
+def test_answers_that_are_no_reading_are_refused(checked, endless_model_dir, space_model_dir, draw_expression):
+    drawing = draw_expression()
+    endless = pipeline("image-to-latex", model=str(endless_model_dir), num_beams=2)
+    with pytest.raises(NotAnExpressionError, match="the model found no end"):
+        endless(drawing)
+    assert len(endless(drawing, check_expression=False)["tokens"]) == 8  # read to the model's limit
+    # Under the default limits the test model is unsure of every token it writes before its forced eos.
+    unsure = pipeline("image-to-latex", model=str(space_model_dir))
+    with pytest.raises(NotAnExpressionError, match="unsure of every symbol"):
+        unsure(drawing)
+    assert unsure(drawing, answer_limits=TEST_MODEL_LIMITS)["latex"] == checked(drawing)["latex"]
+
+
+def test_batches_check_each_image_as_alone(checked, draw_expression):
+    images = [draw_expression(zoom=30), draw_expression(zoom=60)]
+    assert [r["latex"] for r in checked(images, batch_size=2)] == [checked(image)["latex"] for image in images]
+    with pytest.raises(NotAnExpressionError):
+        checked([images[0], noise_picture()], batch_size=2)
+
+
+def test_processor_without_the_check_reads_anything(checked, monkeypatch):
+    """Models saved before the check existed: their processor has no check_image, and nothing is refused."""
+    monkeypatch.delattr(type(checked.processor), "check_image")
+    assert not checked.checks_expressions
+    assert checked(noise_picture())["latex"]
+
+
+def test_max_decoding_cost_reduces_beams_for_large_pictures(checked, draw_expression):
+    assert affordable_beams(10, 200, 1024, 200_000) < 10 and affordable_beams(10, 40, 60, 200_000) == 10
+    assert affordable_beams(3, 10_000, 10_000, 1.0) == 1  # never below greedy
+    drawing = draw_expression()
+    assert checked(drawing, num_beams=5, max_decoding_cost=1e9)["num_beams"] == 5
+    reduced = checked(drawing, num_beams=5, num_return_sequences=5, max_decoding_cost=1.0)  # too dear for beams
+    assert reduced["num_beams"] == 1 and checked.generate_calls[-1]["num_beams"] == 1
+    assert len(reduced["candidates"]) == 1

@@ -27,8 +27,13 @@ def images(tmp_path_factory, draw_expression):
     return {"good": str(good), "second": str(second), "not_image": str(not_image), "blank": str(blank)}
 
 
+# The tiny random model's answers are no readings (unsure, unfinished): --read_anything keeps its output.
+READ_ANYTHING = "--read_anything"
+
+
 def test_prints_one_line_per_image(tiny_model_dir, images, capsys):
-    code = predict.main([images["good"], images["second"], "--model", str(tiny_model_dir), "--max_new_tokens", "5"])
+    code = predict.main([images["good"], images["second"], "--model", str(tiny_model_dir), "--max_new_tokens", "5",
+                         READ_ANYTHING])
     out = capsys.readouterr().out.splitlines()
     assert code == 0
     assert len(out) == 2
@@ -39,7 +44,7 @@ def test_prints_one_line_per_image(tiny_model_dir, images, capsys):
 
 def test_bad_files_are_reported_and_others_still_read(tiny_model_dir, images, capsys):
     argv = [images["not_image"], images["good"], images["blank"], "/no/such/file.png"]
-    code = predict.main([*argv, "--model", str(tiny_model_dir), "--max_new_tokens", "3"])
+    code = predict.main([*argv, "--model", str(tiny_model_dir), "--max_new_tokens", "3", READ_ANYTHING])
     captured = capsys.readouterr()
     assert code == 1
     assert captured.out.splitlines()[0].startswith(images["good"] + "\t")
@@ -52,7 +57,7 @@ def test_bad_files_are_reported_and_others_still_read(tiny_model_dir, images, ca
 
 def test_json_output_and_attention_maps(tiny_model_dir, images, tmp_path, capsys):
     attention_dir = tmp_path / "attention"
-    argv = [images["good"], images["not_image"], "--model", str(tiny_model_dir), "--json"]
+    argv = [images["good"], images["not_image"], "--model", str(tiny_model_dir), "--json", READ_ANYTHING]
     code = predict.main([*argv, "--num_beams", "2", "--max_new_tokens", "4", "--attention_dir", str(attention_dir)])
     results = json.loads(capsys.readouterr().out)
     assert code == 1
@@ -67,6 +72,22 @@ def test_json_output_and_attention_maps(tiny_model_dir, images, tmp_path, capsys
         assert path.name.startswith(f"drawing_{step:03d}_")
         with Image.open(path) as im:
             assert im.mode == "RGB" and im.width > im.height > 20
+
+
+def test_pictures_that_are_not_handwriting_are_reported(space_model_dir, images, tmp_path, capsys):
+    """The pipeline's expression check: a noise picture is reported like an unreadable file, unless
+    --read_anything."""
+    import numpy as np
+
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400), dtype=np.uint8)).save(noise)
+    argv = [str(noise), "--model", str(space_model_dir)]
+    assert predict.main(argv) == 1
+    captured = capsys.readouterr()
+    assert f"error: {noise}: this does not look like a handwritten expression" in captured.err
+    assert captured.out == ""
+    assert predict.main([*argv, READ_ANYTHING]) == 0
+    assert capsys.readouterr().out.startswith(f"{noise}\t")
 
 
 def test_missing_default_model_says_what_to_do(monkeypatch, tmp_path, images, capsys):
@@ -96,7 +117,7 @@ def test_module_entry_point(tiny_model_dir, images):
     """The documented command, in its own interpreter."""
     proc = subprocess.run(
         [sys.executable, "-m", "modeling_hmer.predict", images["good"], images["not_image"], "--model",
-         str(tiny_model_dir), "--max_new_tokens", "3"],
+         str(tiny_model_dir), "--max_new_tokens", "3", READ_ANYTHING],
         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-3000:]

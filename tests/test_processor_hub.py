@@ -72,7 +72,8 @@ READ = textwrap.dedent(
         image = np.zeros((60, 120), np.uint8)
         image[20:40, 10:110:9] = 255
         ids = model.generate(**processor(images=image), max_new_tokens=6)
-        reader = pipeline("image-to-latex", model=source, max_new_tokens=6, **kwargs)
+        # the random model's answers are no readings (unsure, unfinished): the expression check off
+        reader = pipeline("image-to-latex", model=source, max_new_tokens=6, check_expression=False, **kwargs)
         return {"ids": ids.tolist(), "processor": type(processor).__module__, "model": type(model).__module__,
                 "pipeline": type(reader).__module__, "latex": reader(image)["latex"],
                 "decoded": processor.batch_decode(ids)[0]}

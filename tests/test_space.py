@@ -22,6 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from conftest import TEST_MODEL_LIMITS  # also imported from here by test_space_browser.py
+from modeling_hmer import NotAnExpressionError
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,46 +65,6 @@ def launch_app(demo, app):
         yield demo.local_url
     finally:
         demo.close()
-
-
-def biased_model(tiny_model_dir, folder: Path, eos_bias: float) -> Path:
-    """The tiny random model, made sure of its tokens, to write 3 to 8 real symbols (never <unk>), with
-    `eos_bias` on eos."""
-    import torch
-
-    from modeling_hmer import HMERForConditionalGeneration, HMERProcessor
-
-    model = HMERForConditionalGeneration.from_pretrained(tiny_model_dir)
-    processor = HMERProcessor.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        # sharpen the random logits: a model sure of its (random) tokens, as a trained one is
-        model.decoder.lm_head.weight *= 100
-        model.decoder.lm_head.bias *= 100
-        model.decoder.lm_head.bias[processor.tokenizer.unk_token_id] = -1e4
-        model.decoder.lm_head.bias[processor.tokenizer.eos_token_id] += eos_bias
-    model.generation_config.min_new_tokens = 3
-    model.generation_config.max_new_tokens = 8
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-# The test model's eos bias makes every token before eos improbable (generate's log-softmax comes before
-# min_new_tokens bans eos), so its answers pass the confidence check only with no probability floor;
-# test_unsure_model_is_refused checks that floor on its own.
-TEST_MODEL_LIMITS = {"min_mean_log_prob": -1e9}
-
-
-@pytest.fixture(scope="session")
-def space_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A tiny random model that ends every reading with eos after its 3 symbols (a finished answer)."""
-    return biased_model(tiny_model_dir, tmp_path_factory.mktemp("space_model"), eos_bias=1e4)
-
-
-@pytest.fixture(scope="session")
-def endless_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A tiny random model that never writes eos: the model "finds no end" to whatever it reads."""
-    return biased_model(tiny_model_dir, tmp_path_factory.mktemp("endless_model"), eos_bias=-1e4)
 
 
 def save_png(image: Image.Image, folder: Path, name: str) -> str:
@@ -241,14 +204,14 @@ def test_api_lists_named_inputs_and_outputs(served):
 
 def test_recognition_has_one_attention_map_per_token(served, draw_expression, app):
     _, demo = served
-    result = demo.recognizer.recognize(app.prepare_image(draw_expression()), num_beams=5)
+    result = demo.recognizer.recognize(draw_expression(), num_beams=5)
     assert result.tokens and result.latex == " ".join(result.tokens)
     assert result.attention_maps.shape == (len(result.tokens), *result.model_input.shape)
     assert result.attention_maps.min() >= 0 and result.attention_maps.max() <= 1
-    # The model input is black ink on white; the maps peak somewhere (normalised to 1 each).
-    assert result.model_input.dtype == np.uint8 and np.median(result.model_input) == 255
+    # The model input is the processed image, ink 1.0 on 0.0; the maps peak somewhere (normalised to 1 each).
+    assert result.model_input.dtype == np.float32 and np.median(result.model_input) == 0
     assert np.allclose(result.attention_maps.reshape(len(result.tokens), -1).max(1), 1.0)
-    overlay = app.attention_overlay(result.model_input, result.attention_maps[0])
+    overlay = demo.recognizer.heatmap(result, 0)  # the pipeline's attention_heatmap
     assert overlay.mode == "RGB" and overlay.size[0] >= result.model_input.shape[1]
 
 
@@ -293,16 +256,16 @@ def test_bad_picture_gets_a_message_before_decoding(served, bad, kind):
 def test_model_that_finds_no_end_is_refused(app, endless_model_dir, drawing):
     """The model's own confidence: a reading that does not end within the ink's bound is refused."""
     recognizer = app.Recognizer(str(endless_model_dir))
-    with pytest.raises(app.UserInputError, match=NOT_AN_EXPRESSION + ": the model found no end"):
-        recognizer.recognize(app.open_image_file(drawing), num_beams=3)
+    with pytest.raises(NotAnExpressionError, match=NOT_AN_EXPRESSION + ": the model found no end"):
+        recognizer.recognize(recognizer.open_file(drawing), num_beams=3)
 
 
 def test_unsure_model_is_refused(app, space_model_dir, drawing):
     """The model's own confidence: the test model, whose tokens before its forced eos are all
     improbable, is refused under the default limits."""
     recognizer = app.Recognizer(str(space_model_dir))
-    with pytest.raises(app.UserInputError, match=NOT_AN_EXPRESSION + ": the model is unsure of every symbol"):
-        recognizer.recognize(app.open_image_file(drawing), num_beams=1)
+    with pytest.raises(NotAnExpressionError, match=NOT_AN_EXPRESSION + ": the model is unsure of every symbol"):
+        recognizer.recognize(recognizer.open_file(drawing), num_beams=1)
 
 
 def test_decoding_is_bounded_by_the_ink(served, app, tmp_path):
@@ -315,7 +278,10 @@ def test_decoding_is_bounded_by_the_ink(served, app, tmp_path):
     assert demo.generate_calls[-1]["max_new_tokens"] == min(limits, demo.recognizer.max_new_tokens)
     assert demo.recognizer.processor.max_new_tokens_for({"pieces": 1}, 10_000) < 100
     # Beams shrink when the longest decoding the ink allows would run long; small pictures keep them.
-    assert app.affordable_beams(10, 200, 1024) < 10 and app.affordable_beams(10, 40, 60) == 10
+    from modeling_hmer.pipeline_hmer import affordable_beams
+
+    budget = app.MAX_DECODING_COST
+    assert affordable_beams(10, 200, 1024, budget) < 10 and affordable_beams(10, 40, 60, budget) == 10
 
 
 def test_huge_upload_is_read(served, tmp_path):
@@ -415,12 +381,17 @@ def test_gallery_has_one_picture_per_written_symbol(app):
     assert [tokens[k] for k, _ in pictures] == ["\\frac", "x", "2", "\\alpha", "i"]
 
 
-def test_shares_follow_the_models_ranking(app):
-    shares = app.candidate_shares([-0.1, -0.2, -0.9], length=5)
-    assert shares == sorted(shares, reverse=True) and abs(sum(shares) - 1) < 1e-9
-    # equal lengths: the shares of the sequence probabilities exp(5 * score)
-    expected = np.exp(np.array([-0.5, -1.0, -4.5]))
-    assert np.allclose(shares, expected / expected.sum())
+def test_shares_are_the_pipelines(served, draw_expression):
+    """One share computation: the page shows the pipeline's candidates and shares, best first."""
+    _, demo = served
+    drawing = draw_expression()
+    result = demo.recognizer.recognize(drawing, num_beams=4)
+    direct = demo.recognizer.pipe(drawing, num_beams=4, answer_limits=TEST_MODEL_LIMITS)
+    assert result.candidates == [(c["latex"], c["share"]) for c in direct["candidates"]]
+    shares = [share for _, share in result.candidates]
+    assert abs(sum(shares) - 1) < 1e-6
+    # the test model's candidates are all 3 tokens long: the shares then follow the model's ranking
+    assert shares == sorted(shares, reverse=True)
 
 
 def test_no_model_stops_with_what_to_do(tmp_path):
@@ -433,34 +404,45 @@ def test_no_model_stops_with_what_to_do(tmp_path):
 
 
 def test_model_path_resolution(app, tmp_path, monkeypatch, space_model_dir):
+    """The pipeline module's resolve_model, fed HMER_MODEL and the Space's default folders."""
+    from modeling_hmer import ModelNotFoundError
+
     monkeypatch.delenv("HMER_MODEL", raising=False)
-    assert app.resolve_model_path(space_model_dir) == str(space_model_dir)
+    assert app.find_model(space_model_dir) == str(space_model_dir)
     monkeypatch.setenv("HMER_MODEL", str(space_model_dir))
-    assert app.resolve_model_path() == str(space_model_dir)
+    assert app.find_model() == str(space_model_dir)
     monkeypatch.setenv("HMER_MODEL", "someone/hmer-crohme")  # a Hub id only when named
-    assert app.resolve_model_path() == "someone/hmer-crohme"
-    with pytest.raises(app.ModelNotFoundError, match="no config.json"):
-        app.resolve_model_path(tmp_path)
-    with pytest.raises(app.ModelNotFoundError, match="neither a model folder nor a Hub id"):
-        app.resolve_model_path(tmp_path / "a" / "b" / "c")
+    assert app.find_model() == "someone/hmer-crohme"
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        app.find_model(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="neither a model folder nor a Hub id"):
+        app.find_model(tmp_path / "a" / "b" / "c")
+    monkeypatch.delenv("HMER_MODEL")
+    monkeypatch.setattr(app, "DEFAULT_MODEL_DIRS", (tmp_path / "absent",))
+    with pytest.raises(ModelNotFoundError, match="no trained model in .*HMER_MODEL"):
+        app.find_model()
 
 
-def test_sketch_pad_value_to_image(app):
+def test_sketch_pad_value_to_image(app, served):
     """The sketch pad sends transparent RGBA layers; ink must come out black on white."""
+    _, demo = served
     layer = Image.new("RGBA", (800, 300), (0, 0, 0, 0))
     ImageDraw.Draw(layer).line([(100, 100), (300, 200)], fill=(0, 0, 0, 255), width=6)
     sketch = {"background": None, "layers": [layer], "composite": layer}
-    image = app.prepare_image(app.sketch_to_image(sketch), on_white=True)
+    image = app.sketch_to_image(sketch)
     pixels = np.asarray(image)
     assert image.mode == "L" and pixels[150, 200] < 64 and pixels[20, 20] == 255
-    with pytest.raises(app.UserInputError, match="the sketch pad is empty"):
-        app.prepare_image(app.sketch_to_image({"background": None, "layers": [], "composite": None}))
-    with pytest.raises(app.UserInputError, match="the sketch pad is empty"):
-        app.prepare_image(Image.new("RGBA", (800, 300), (0, 0, 0, 0)))
-    # White ink on a transparent background is ink (the image processor reads either polarity).
+    for empty in ({"background": None, "layers": [], "composite": None}, Image.new("RGBA", (800, 300), (0, 0, 0, 0)),
+                  Image.new("RGBA", (800, 300), (255, 255, 255, 255))):  # untouched; painted white all over
+        result, message = app.recognize_or_explain(demo.recognizer, lambda: app.sketch_to_image(empty),
+                                                   app.EMPTY_DRAWING, app.EMPTY_DRAWING)
+        assert result is None and message.startswith("the sketch pad is empty")
+    # White ink on a transparent background (an upload) is ink: the image processor reads either polarity.
     white_ink = Image.new("RGBA", (400, 200), (255, 255, 255, 0))
     ImageDraw.Draw(white_ink).line([(50, 50), (350, 150)], fill=(255, 255, 255, 255), width=5)
-    assert app.prepare_image(white_ink).mode == "RGBA"
+    result, message = app.recognize_or_explain(demo.recognizer, lambda: white_ink, app.EMPTY_UPLOAD,
+                                               app.BLANK_PICTURE, num_beams=1)
+    assert message is None and result.latex
 
 
 def test_loads_without_the_package(space_model_dir, drawing):
@@ -471,10 +453,11 @@ import importlib.util, sys
 sys.modules["modeling_hmer"] = None  # `import modeling_hmer` fails, as on a Space without the package
 spec = importlib.util.spec_from_file_location("app", {str(APP_FILE)!r})
 app = importlib.util.module_from_spec(spec); sys.modules["app"] = app; spec.loader.exec_module(app)
+assert app.find_model({str(space_model_dir)!r}) == {str(space_model_dir)!r}  # resolve_model from the folder's code
 recognizer = app.Recognizer({str(space_model_dir)!r})
 assert recognizer.checks
 recognizer.answer_limits = {TEST_MODEL_LIMITS!r}
-result = recognizer.recognize(app.open_image_file({drawing!r}), num_beams=2)
+result = recognizer.recognize(recognizer.open_file({drawing!r}), num_beams=2)
 print(type(recognizer.model).__module__, len(result.tokens), result.attention_maps.shape[0], repr(result.latex))
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,

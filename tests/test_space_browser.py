@@ -20,14 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_space import (  # noqa: F401  (space_model_dir: a fixture)
-    BAD_KINDS,
-    TEST_MODEL_LIMITS,
-    bad_pictures,
-    launch_app,
-    load_space_app,
-    space_model_dir,
-)
+from test_space import BAD_KINDS, TEST_MODEL_LIMITS, bad_pictures, launch_app, load_space_app
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="Python playwright is not installed")
 
