@@ -390,16 +390,21 @@ def typesettable(latex: str) -> str:
 
 
 def candidates_table(candidates: list[tuple[str, float]]) -> str:
-    """n best (latex, share) -> a Markdown table, largest share first: rank, formula (KaTeX), share, LaTeX."""
+    """n best (latex, share), in the model's ranking -> a Markdown table: rank, formula (KaTeX), share, LaTeX.
+
+    Row 1 is the answer shown above it. The model ranks by probability per symbol, the share is a whole
+    reading's probability: a shorter reading lower in the list can hold a larger share, and the table says so.
+    """
     rows = [
-        "**Best candidates**: *share* is a reading's probability as a part of these readings' total (summing "
-        "to 100%): how the model divides its belief among them, not the chance that one is right. The answer "
-        "above is ranked by probability per symbol, so a shorter reading may hold a larger share.",
+        "**Best candidates**, as the model ranks them (probability per symbol; #1 is the answer above). "
+        "*Share* is a reading's probability as a part of these readings' total (summing to 100%): how the model "
+        "divides its belief among them, not the chance that one is right; a shorter reading may hold a larger "
+        "share than one ranked above it.",
         "",
         "| # | formula | share | LaTeX |",
         "|---:|:---:|---:|:---|",
     ]
-    for rank, (latex, share) in enumerate(sorted(candidates, key=lambda c: -c[1]), 1):
+    for rank, (latex, share) in enumerate(candidates, 1):
         # "|" ends a table cell: \vert for KaTeX (typesettable), an escaped pipe for the code.
         formula = f"$\\displaystyle {typesettable(latex)}$" if latex else "(nothing)"
         escaped = latex.replace("|", "\\|")

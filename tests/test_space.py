@@ -365,12 +365,15 @@ def test_typesettable_latex_renders_in_katex(app, tmp_path):
     assert json.loads(run.stdout) == []
 
 
-def test_candidates_table_sorted_with_shares(app):
+def test_candidates_table_keeps_the_models_ranking_with_shares(app):
+    # The answer shown is the model's first candidate: row 1 is that answer, even when a shorter reading
+    # below it holds a larger share of the probability.
     table = app.candidates_table([("x", 0.2), ("\\frac { a } { b", 0.7), ("y", 0.1)])
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [row.split("|")[3].strip() for row in rows] == ["70%", "20%", "10%"]
-    assert "\\frac { a } { b }" in rows[0]  # typeset with its brace closed; the LaTeX column as read
-    assert "`\\frac { a } { b`" in rows[0]
+    assert [row.split("|")[3].strip() for row in rows] == ["20%", "70%", "10%"]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "2", "3"]
+    assert "\\frac { a } { b }" in rows[1]  # typeset with its brace closed; the LaTeX column as read
+    assert "`\\frac { a } { b`" in rows[1]
     assert "share" in table.splitlines()[0]
 
 
