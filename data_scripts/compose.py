@@ -1089,6 +1089,7 @@ class FormulaComposer:
         self.grammar = FormulaGrammar(bank.labels, counts, lengths)
         self.layout = FormulaLayout(bank)
 
-    def __call__(self, rng: np.random.Generator) -> tuple[list[np.ndarray], list[str]]:
-        tokens = self.grammar(rng)
+    def __call__(self, rng: np.random.Generator, length: int | None = None) -> tuple[list[np.ndarray], list[str]]:
+        """A sample of `length` tokens (as close as the grammar allows; default: a length drawn from `lengths`)."""
+        tokens = self.grammar(rng, length)
         return self.layout(tokens, rng), tokens

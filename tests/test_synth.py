@@ -193,6 +193,27 @@ def test_two_thousand_samples_are_valid_and_render(synthetic):
     assert 700 <= kinds["substitution"] <= 1100 and kinds["composition"] >= 900
 
 
+def test_a_composed_sample_standing_in_for_a_row_is_as_long_as_that_row(synthetic, train_split):
+    """So that its image fits the batch planned for the row (drawn lengths gave B images 2.9 times the
+    pixels of the row they replaced, on average)."""
+    rows = synthetic.indices[:300]
+    lengths = [len(tokens) for tokens in train_split.select(rows)["tokens"]]
+    saved = synthetic.substitution_share, synthetic.match_length
+    try:
+        synthetic.substitution_share = 0.0  # B only
+        composed = {}
+        for match_length in (True, False):
+            synthetic.match_length = match_length
+            rng = np.random.default_rng(11)
+            composed[match_length] = [len(synthetic.sample(rng, index).tokens) for index in rows]
+    finally:
+        synthetic.substitution_share, synthetic.match_length = saved
+    close = {m: sum(abs(n - want) <= 2 for n, want in zip(composed[m], lengths)) / len(rows) for m in composed}
+    assert close[True] >= 0.9 and close[False] < 0.5, close
+    # B's lengths still follow the training part's, matched or not.
+    assert abs(np.median(composed[True]) - np.median(lengths)) <= 2
+
+
 def test_the_same_seed_gives_the_same_sample(synthetic):
     for seed in range(5):
         first = synthetic.sample(np.random.default_rng(seed), synthetic.indices[seed])

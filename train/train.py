@@ -192,7 +192,8 @@ def build_data(accelerator: Accelerator, config: TrainingConfig, data_dir: str, 
         from data_scripts.synth import SyntheticExpressions
 
         # From the training part only: the held-out slice's ink and formulas stay unseen.
-        synthetic = SyntheticExpressions(dataset, train_idx, substitution_share=config.synthetic_substitution_share)
+        synthetic = SyntheticExpressions(dataset, train_idx, substitution_share=config.synthetic_substitution_share,
+                                         match_length=config.synthetic_match_length)
     return TrainingData(
         train_set=HMERTrainDataset(dataset, train_idx, augment=config.augment, seed=config.seed,
                                    synthetic=synthetic, synthetic_share=config.synthetic_share),
@@ -595,7 +596,7 @@ def parent_lineage(init_from: Optional[str]) -> tuple[Optional[str], list[dict]]
         "run_name": config.get("run_name"),
         "init_from": config.get("init_from"),
         "data": {key: config.get(key) for key in ("heldout_by", "heldout_size", "augment", "synthetic_share",
-                                                  "synthetic_substitution_share")},
+                                                  "synthetic_substitution_share", "synthetic_match_length")},
         "epochs": log.get("epochs"),
         "cpu_hours": log.get("cpu_hours"),
         "chosen_epoch": best.get("epoch"),
