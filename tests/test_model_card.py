@@ -137,6 +137,11 @@ def test_runs_compare_at_an_equal_cpu_budget(tiny_model_dir, tmp_path, capsys):
     assert (card_dir / "comparison.png").stat().st_size > 0
     # Without a budget every evaluation counts, and the two-process run leads.
     assert compare_runs.compare([one, two], None)["rows"][1]["exprate"] == 0.20
+    # The card goes public: runs by name, no folder of this machine; it renders without a budget too.
+    assert str(tmp_path) not in (card_dir / "comparison.json").read_text()
+    assert str(one) not in card and str(two) not in card
+    compare_runs.main([str(one), str(two), "--card", str(card_dir)])
+    assert "each for all of its CPU-hours" in (card_dir / "README.md").read_text()
 
 
 def test_a_run_short_of_the_budget_is_named(tiny_model_dir, tmp_path):

@@ -62,7 +62,7 @@ def compare(folders: list[Path], budget_hours: Optional[float]) -> dict:
         spent = max((eval_cpu_hours(log, e) for e in log["evals"]), default=0.0)
         rows.append({
             "run": log["config"]["run_name"],
-            "folder": str(folder),
+            "folder": Path(folder).name,  # its name only: the card goes public, this machine's folders do not
             "decoder": log["config"]["model"].get("decoder_type", "gru"),
             "recipe": recipe_in_words(log["config"]),
             "parameters_m": (log.get("n_parameters") or count_parameters(Path(folder)) or 0) / 1e6,

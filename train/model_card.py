@@ -192,10 +192,12 @@ def _comparison_section(comparison: Optional[dict]) -> str:
         for r in comparison["rows"]
     )
     test_columns = "".join(f" {SPLIT_NAMES.get(split, split)} |" for split in splits)
+    hours = comparison.get("budget_hours")
+    budget = f"for at most {hours:g} CPU-hours" if hours is not None else "each for all of its CPU-hours"
     return f"""
 ## Runs compared at an equal budget
 
-The same start and schedule for each run, for at most {comparison['budget_hours']:g} CPU-hours (wall time x processes
+The same start and schedule for each run, {budget} (wall time x processes
 x threads); the best held-out evaluation within that budget (greedy decoding, %). Test columns: the chosen
 weights on the test sets (beam 5), measured after choosing. Made by `python -m train.compare_runs`.
 
@@ -267,9 +269,17 @@ def render_model_card(folder: Path) -> ModelCard:
         "hash; none of them is trained on, as in the test sets)",
         "unseen": f"{n_heldout} further training expressions of whole writers held out, each a formula that no "
         "training expression writes (fixed, writers chosen by a hash; new writers and new formulas, as in the test sets)",
+        "expression_unseen": f"{config['heldout_size']} further training expressions held out (fixed, chosen by a hash of "
+        f"their names), of which the {n_heldout} whose formula no training expression writes are scored",
     }.get(
         config.get("heldout_by"),
         f"{n_heldout} further training expressions held out (fixed, chosen by a hash of their names)",
+    )
+    share = config.get("synthetic_share") or 0
+    synthetic_desc = (
+        f", {share:.0%} of each epoch's samples replaced by synthetic expressions in the training writers' ink "
+        f"(substituted, A: {config.get('synthetic_substitution_share') or 0.5:.0%}; composed, B: the rest; "
+        "`data_scripts/synth.py`)" if share else ""
     )
     heldout_rows = "\n".join(
         f"| {_epoch(e['epoch'])} | {e['step']} | {_percent(e['exprate'])} | {_percent(e['le1'])} | {_percent(e['le2'])} "
@@ -305,7 +315,7 @@ tokens out. {origin} on the CROHME 2014/2016 training set with this project's `t
 
 - Model: {model_desc}; {(n_parameters or 0) / 1e6:.2f}M parameters.
 - Training data: {train_desc}, rendered from the ink with stroke-level augmentation
-  (`augment: {config['augment']}`);
+  (`augment: {config['augment']}`){synthetic_desc};
   {heldout_desc} to choose this checkpoint. The CROHME test sets were not used for any choice.
 - Best held-out ExpRate (greedy): **{_percent(best.get('exprate', 0))}%** at epoch {_epoch(best.get('epoch', 0))}
   (step {best.get('step', '-')}).
