@@ -70,8 +70,9 @@ class SyntheticExpressions:
         substitution_share: the share of samples made by A (the rest by B).
         match_length: a B sample that stands in for a row (`sample(rng, index)`) gets that row's token
             length, so its image is about as large as the row's and fits the batch planned for it (B's
-            lengths still follow the training part's). False: lengths drawn independently, as before
-            (B images then have 2.9 times the pixels of the row they replace, on average).
+            lengths still follow the training part's). False (the default, as the shipped weights were
+            trained): lengths drawn independently, and B images then have 2.9 times the pixels of the row
+            they replace, on average.
         rename_probability, restyle_probability: see `data_scripts.substitute.substitute`.
     """
 
@@ -80,7 +81,7 @@ class SyntheticExpressions:
         dataset,
         indices: Sequence[int],
         substitution_share: float = 0.5,
-        match_length: bool = True,
+        match_length: bool = False,
         rename_probability: float = 0.7,
         restyle_probability: float = 0.3,
     ):
