@@ -86,11 +86,16 @@ class HMERProcessor(ProcessorMixin):
 
         Raises `NotAnExpressionError` for noise, photos, pages of text (and `BlankImageError` for no ink).
         """
+        model_image, stats = self.check_model_image(image)
+        return self.image_processor.pad_batch([model_image], return_tensors=return_tensors), stats
+
+    def check_model_image(self, image: Any) -> tuple[np.ndarray, dict]:
+        """`check_image` without the padding: (the processed (H, W) image, its `ink_statistics`)."""
         ink = self.image_processor.ink_map(image)  # read once, for the model image and the statistics
         model_image = self.image_processor.model_image_from_ink(ink)
         stats = ink_statistics(ink, model_image)
         check_ink(stats)
-        return self.image_processor.pad_batch([model_image], return_tensors=return_tensors), stats
+        return model_image, stats
 
     def max_new_tokens_for(self, stats: dict, limit: int = 200) -> int:
         """The most tokens a reading of an image with these `ink_statistics` can need (at most `limit`)."""

@@ -95,7 +95,8 @@ class SyntheticExpressions:
         self.writers = writer_groups(self.rows["name"], self.rows["source"], self.rows["writer"])
         self.position = {index: position for position, index in enumerate(self.indices)}
         self.bank = InkBank.from_dataset(self.rows)  # the rows selected above: read once
-        self.composer = FormulaComposer(self.bank, lengths=[len(tokens) for tokens in self.rows["tokens"]])
+        self.lengths = [len(tokens) for tokens in self.rows["tokens"]]  # token length per row, by position
+        self.composer = FormulaComposer(self.bank, lengths=self.lengths)
         self.substitution_share = substitution_share
         self.match_length = match_length
         self.rename_probability = rename_probability
@@ -134,7 +135,7 @@ class SyntheticExpressions:
                 return made
         length = None
         if self.match_length and index is not None:
-            length = len(self.rows[self.position[int(index)]]["tokens"])
+            length = self.lengths[self.position[int(index)]]
         return self.composition(rng, length)
 
     def render(self, sample: SyntheticSample, rng: np.random.Generator, **augment_overrides) -> np.ndarray:

@@ -226,10 +226,8 @@ class HMERImageToLatexPipeline(Pipeline):
             if not (check_expression and self.checks_expressions):
                 return {"image": self.image_processor.to_model_image(picture), "ink": None}
             # refuses noise, photos, pages of text here, before any decoding
-            inputs, ink = self.processor.check_image(picture, return_tensors="np")
-            mask = inputs["pixel_mask"][0].astype(bool)  # the image without any padding to a multiple
-            height, width = int(mask.any(1).sum()), int(mask.any(0).sum())
-            return {"image": inputs["pixel_values"][0, 0, :height, :width], "ink": ink}
+            model_image, ink = self.processor.check_model_image(picture)
+            return {"image": model_image, "ink": ink}
         except InvalidImageError:
             raise
         except ValueError as err:
