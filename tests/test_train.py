@@ -464,13 +464,17 @@ def test_two_processes_train_together_and_end_with_identical_weights(two_process
 @pytest.mark.slow
 def test_killed_run_resumes_at_the_same_step_with_the_same_result(tiny_crohme, tmp_path_factory):
     runs = tmp_path_factory.mktemp("resume")
-    # Held-out evaluations inside the epoch too: they must not change what the training does.
-    extra = ("--save_every_steps", "4", "--eval_every_steps", "5")
+    # Held-out evaluations inside the epoch too: they must not change what the training does. And a
+    # moving average of the weights, which the state must carry: the saved average is compared too.
+    extra = ("--save_every_steps", "4", "--eval_every_steps", "5", "--ema_decay", "0.9")
     _run(_train_command(1, tiny_crohme, runs / "straight", *extra))
     straight = _summary(runs / "straight")
     evals = json.loads((runs / "straight" / "model" / "training_log.json").read_text())["evals"]
     inside = [record for record in evals if record["epoch"] != int(record["epoch"])]
     assert inside and all(b["step"] - a["step"] >= 5 for a, b in zip(evals, evals[1:]) if b in inside), evals
+    # The average is what is scored and saved; the raw weights are scored beside it.
+    assert all(set(record["raw"]) == {"exprate", "le1", "le2", "le3", "ser"} for record in evals), evals
+    assert straight["last_model_sha256"] != straight["weights_sha256_per_process"][0]
 
     # Same run, killed (SIGKILL, the whole process group) once the state of step 8 is on disk.
     command = _train_command(1, tiny_crohme, runs / "killed", *extra)
@@ -494,8 +498,29 @@ def test_killed_run_resumes_at_the_same_step_with_the_same_result(tiny_crohme, t
     assert resumed_step >= 8
     summary = _summary(runs / "killed")
     assert summary["global_step"] == straight["global_step"] and summary["epochs"] == straight["epochs"]
-    # Same data order, augmentation, dropout draws, optimizer and learning rate: the same weights.
+    # Same data order, augmentation, dropout draws, optimizer and learning rate: the same weights,
+    # and the same average of them.
     assert summary["weights_sha256_per_process"] == straight["weights_sha256_per_process"]
+    assert summary["last_model_sha256"] == straight["last_model_sha256"]
+
+
+@pytest.mark.slow
+def test_a_state_without_a_weight_average_resumes_with_one_started_from_its_weights(tiny_crohme, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ema") / "run"
+    _run(_train_command(1, tiny_crohme, run_dir, "--max_steps", "3"))
+    first = _summary(run_dir)
+    assert "raw" not in json.loads((run_dir / "model" / "training_log.json").read_text())["evals"][-1]
+
+    resumed = _run(_train_command(1, tiny_crohme, run_dir, "--resume", "--max_steps", "6", "--ema_decay", "0.5"))
+    assert "holds no weight average: it starts from the resumed weights" in resumed.stdout + resumed.stderr
+    summary = _summary(run_dir)
+    # Stops come between chunks: at the first chunk boundary past --max_steps.
+    assert 3 <= first["global_step"] < summary["global_step"]
+    assert summary["last_model_sha256"] != summary["weights_sha256_per_process"][0]
+    evals = json.loads((run_dir / "model" / "training_log.json").read_text())["evals"]
+    assert "raw" in evals[-1] and evals[-1]["step"] == summary["global_step"]
+    # The state saved after the resume carries the average (custom object 2) for the next resume.
+    assert list((run_dir / "state").glob("step_*/custom_checkpoint_2.pkl"))
 
 
 # The last commit whose train.py had its own LR schedule and config parser (before issue 16).

@@ -3,7 +3,8 @@ how `--resume` restores it, including states saved by earlier versions of train.
 
 A state folder is `state_dir/step_<N>` (N: optimizer steps) holding accelerate's files: the model,
 the optimizer, every process's random states, `custom_checkpoint_0.pkl` (the learning-rate
-scheduler, `SavedLRScheduler`) and `custom_checkpoint_1.pkl` (`TrainingProgress`).
+scheduler, `SavedLRScheduler`), `custom_checkpoint_1.pkl` (`TrainingProgress`) and, with
+`ema_decay`, `custom_checkpoint_2.pkl` (the moving average of the weights, an `AveragedModel`).
 """
 
 from __future__ import annotations
@@ -114,6 +115,12 @@ def save_training_state(accelerator: Accelerator, state_dir: Path, step: int, ke
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def custom_objects_in_latest_state(state_dir: Path) -> Optional[int]:
+    """How many custom objects (`custom_checkpoint_<i>.pkl`) the latest state holds; None without a state."""
+    states = state_folders(state_dir)
+    return len(list(states[-1].glob("custom_checkpoint_*.pkl"))) if states else None
 
 
 def resume_from_latest_state(accelerator: Accelerator, state_dir: Path, progress: TrainingProgress,

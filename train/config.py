@@ -66,6 +66,11 @@ class TrainingConfig:
     min_lr_ratio: float = field(default=0.02, metadata={"help": "cosine floor, as a fraction of learning_rate"})
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
+    # An exponential moving average of the weights (torch's `AveragedModel`, BatchNorm statistics
+    # averaged too) is what gets scored and saved; the raw weights are scored beside it ("raw" in
+    # the log). Off at 0; 0.998 averages over about 500 optimizer steps (one 2-process epoch).
+    ema_decay: float = field(default=0.0, metadata={
+        "help": "score and save an exponential moving average of the weights with this decay (0 = off)"})
     mixed_precision: str = field(default="bf16", metadata={"help": "no, bf16 or fp16"})
     channels_last: bool = True
     find_unused_parameters: bool = False
@@ -92,6 +97,8 @@ class TrainingConfig:
                               ("optimizer", ("adamw",)), ("mixed_precision", ("no", "bf16", "fp16"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         self.state_dir = str(Path(self.state_dir or f"~/.cache/hmer/train_state/{self.run_name}").expanduser())
 
 

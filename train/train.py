@@ -28,7 +28,8 @@ transformer`). `main` runs these steps:
    `--max_total_minutes` for all segments together, `--max_steps`) or on Ctrl+C or SIGTERM;
 4. `evaluate_and_select` after every epoch and at a stop: greedy ExpRate on the held-out slice; the
    best model so far goes to `--output_dir` (`save_model`: `save_pretrained` weights and config,
-   processor, training log, model card, curves).
+   processor, training log, model card, curves). With `ema_decay`, the model scored and saved is
+   the moving average of the weights (`build_weight_average`), and the raw weights are scored too.
 
 Loss, learning rate and ExpRate go to TensorBoard (in `state_dir/logs`) and to
 `training_curves.png` in `--output_dir`.
@@ -67,6 +68,7 @@ from accelerate.utils import (  # noqa: E402
     gather_object,
     set_seed,
 )
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import get_scheduler  # noqa: E402
@@ -74,6 +76,7 @@ from transformers import get_scheduler  # noqa: E402
 from train.checkpointing import (  # noqa: E402
     SavedLRScheduler,
     TrainingProgress,
+    custom_objects_in_latest_state,
     resume_from_latest_state,
     resume_with_other_process_count,  # noqa: F401  (tests import it from here)
     save_training_state,
@@ -282,12 +285,42 @@ def build_model_and_optimizer(accelerator: Accelerator, config: TrainingConfig, 
     return model, processor, optimizer, lr_scheduler, train_loader
 
 
+def build_weight_average(accelerator: Accelerator, model, config: TrainingConfig) -> Optional[AveragedModel]:
+    """An exponential moving average of the weights (`config.ema_decay`; None when 0), updated after
+    every optimizer step. It averages the BatchNorm running statistics too (`use_buffers`): the raw
+    statistics follow the last few batches, which moved neighbouring held-out scores by points."""
+    if not config.ema_decay:
+        return None
+    return AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay),
+                         use_buffers=True)
+
+
+def resume_or_start(accelerator: Accelerator, config: TrainingConfig, args: RunArguments, model,
+                    weight_average: Optional[AveragedModel], progress: TrainingProgress, lr_scheduler,
+                    clock: SegmentClock) -> None:
+    """Registers the weight average for checkpointing (custom object 2, after the scheduler and the
+    progress) and, with `--resume`, loads the latest state. A state saved without an average (an
+    older run, or `ema_decay` newly set) starts the average from the resumed weights."""
+    saved_objects = custom_objects_in_latest_state(Path(config.state_dir)) if args.resume else None
+    restart_average = weight_average is not None and saved_objects is not None and saved_objects < 3
+    if weight_average is not None and not restart_average:
+        accelerator.register_for_checkpointing(weight_average)
+    if args.resume:
+        resume_from_latest_state(accelerator, Path(config.state_dir), progress, lr_scheduler,
+                                 config.batches_per_chunk, clock.compute_units)
+    if restart_average:
+        weight_average.module.load_state_dict(accelerator.unwrap_model(model).state_dict())
+        weight_average.n_averaged.zero_()
+        accelerator.register_for_checkpointing(weight_average)
+        accelerator.print("the resumed state holds no weight average: it starts from the resumed weights")
+
+
 # ----------------------------------------------------------------------------- training
 
 
 def train_one_epoch(accelerator: Accelerator, model, optimizer, lr_scheduler, train_loader, sampler,
                     config: TrainingConfig, progress: TrainingProgress, clock: SegmentClock, args: RunArguments,
-                    evaluate) -> bool:
+                    evaluate, weight_average: Optional[AveragedModel] = None) -> bool:
     """Trains the rest of the current epoch; True if it stopped early (`stop_due` or a signal).
 
     Between chunks, never inside a gradient accumulation, it saves the state when one is due,
@@ -312,6 +345,8 @@ def train_one_epoch(accelerator: Accelerator, model, optimizer, lr_scheduler, tr
                 continue
             progress.global_step += 1
             lr_scheduler.step()
+            if weight_average is not None:
+                weight_average.update_parameters(accelerator.unwrap_model(model))
             if progress.global_step % config.logging_steps == 0:
                 images_per_s = running_images * accelerator.num_processes / (time.time() - log_start)
                 bar.set_postfix(log_training(accelerator, progress, running_loss / running_batches,
@@ -416,23 +451,31 @@ def evaluate_heldout(accelerator, model, processor, data: TrainingData, config: 
 
 def evaluate_and_select(accelerator, model, processor, data: TrainingData, config: TrainingConfig,
                         progress: TrainingProgress, clock: SegmentClock, epoch: float, save_to: Optional[Path],
-                        facts: dict) -> dict:
+                        facts: dict, weight_average: Optional[AveragedModel] = None) -> dict:
     """Scores the held-out slice at `epoch` (fractional for a partial one) into the progress; a better
-    model than the best so far is saved to `save_to` (None: only recorded, as the score to beat)."""
-    figures = evaluate_heldout(accelerator, model, processor, data, config)
+    model than the best so far is saved to `save_to` (None: only recorded, as the score to beat).
+
+    With a weight average, the average is the model scored, selected and saved; the raw weights'
+    figures are recorded beside it under "raw", to show what the average adds."""
+    scored = model if weight_average is None else weight_average.module
+    figures = evaluate_heldout(accelerator, scored, processor, data, config)
+    raw = None if weight_average is None else evaluate_heldout(accelerator, model, processor, data, config)
     clock.count(progress)
     record = {"epoch": epoch, "step": progress.global_step, "minutes": progress.train_seconds / 60,
-              "cpu_hours": progress.cpu_seconds / 3600, **figures}
+              "cpu_hours": progress.cpu_seconds / 3600, **figures, **({"raw": raw} if raw else {})}
     progress.evals.append(record)
     accelerator.log({f"heldout/{k}": v for k, v in figures.items()}, step=progress.global_step)
+    if raw:
+        accelerator.log({f"heldout_raw/{k}": v for k, v in raw.items()}, step=progress.global_step)
     accelerator.print(
         f"epoch {epoch:g} step {progress.global_step}: held-out ExpRate {100 * figures['exprate']:.2f}% "
         f"(<=1 {100 * figures['le1']:.2f}%, SER {100 * figures['ser']:.2f}%)"
+        + (f"; raw weights {100 * raw['exprate']:.2f}% (SER {100 * raw['ser']:.2f}%)" if raw else "")
     )
     if not progress.best or is_better(record, progress.best, config.min_improvement):
         progress.best_exprate, progress.best = record["exprate"], record
         if save_to is not None:
-            save_model(accelerator, model, processor, save_to, progress, facts)
+            save_model(accelerator, scored, processor, save_to, progress, facts)
     return record
 
 
@@ -526,6 +569,10 @@ def plot_curves(progress: TrainingProgress, path: Path) -> None:
     evals = progress.evals
     axes[2].plot([e["epoch"] for e in evals], [100 * e["exprate"] for e in evals], "o-", label="ExpRate")
     axes[2].plot([e["epoch"] for e in evals], [100 * e["le1"] for e in evals], "s--", label="<= 1 error")
+    raw = [e for e in evals if "raw" in e]  # with ema_decay: the raw weights beside their average
+    if raw:
+        axes[2].plot([e["epoch"] for e in raw], [100 * e["raw"]["exprate"] for e in raw], "x:",
+                     label="ExpRate, raw weights")
     axes[2].set(title="held-out slice (greedy)", xlabel="epoch", ylabel="%", ylim=(0, None))
     axes[2].legend()
     for ax in axes:
@@ -629,12 +676,11 @@ def main(argv=None) -> None:
     data = build_data(accelerator, config, args.data_dir, args.cache_dir)
     model, processor, optimizer, lr_scheduler, train_loader = build_model_and_optimizer(
         accelerator, config, data, args.init_from)
+    weight_average = build_weight_average(accelerator, model, config)
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(SavedLRScheduler(lr_scheduler), progress)
     StopOnSignal(accelerator)  # Ctrl+C or SIGTERM from here on: finish the chunk, save, evaluate, then stop
-    if args.resume:
-        resume_from_latest_state(accelerator, Path(config.state_dir), progress, lr_scheduler,
-                                 config.batches_per_chunk, clock.compute_units)
+    resume_or_start(accelerator, config, args, model, weight_average, progress, lr_scheduler, clock)
     progress.commands.append(reproduce_command(sys.argv[1:] if argv is None else argv, accelerator.num_processes))
 
     parent, lineage = parent_lineage(args.init_from)
@@ -650,7 +696,7 @@ def main(argv=None) -> None:
         f"per process), {facts['n_parameters'] / 1e6:.2f}M parameters, {facts['hardware']}"
     )
     evaluate = functools.partial(evaluate_and_select, accelerator, model, processor, data, config, progress, clock,
-                                 facts=facts)
+                                 facts=facts, weight_average=weight_average)
 
     clock.counted = clock.last_save = time.time()
     if args.init_from and progress.global_step == 0 and not progress.evals:
@@ -666,7 +712,7 @@ def main(argv=None) -> None:
                           f"(--max_total_minutes {args.max_total_minutes:g}): nothing to do")
     while not stopped and progress.epoch < config.num_epochs:
         stopped = train_one_epoch(accelerator, model, optimizer, lr_scheduler, train_loader, data.sampler,
-                                  config, progress, clock, args, evaluate)
+                                  config, progress, clock, args, evaluate, weight_average)
         if not stopped:
             progress.epoch, progress.chunks_in_epoch = progress.epoch + 1, 0
             evaluate(epoch=progress.epoch, save_to=args.output_dir)
@@ -681,7 +727,7 @@ def main(argv=None) -> None:
             partial_epoch = progress.epoch + progress.chunks_in_epoch / max(len(train_loader), 1)
             evaluate(epoch=partial_epoch, save_to=args.output_dir)
             save_state(accelerator, config, progress, clock)  # again, with the evaluation in the log
-    finish(accelerator, model, processor, config, args, progress, clock, facts)
+    finish(accelerator, model, processor, config, args, progress, clock, facts, weight_average)
 
 
 def tensorboard_hparams(config: dict) -> dict:
@@ -691,12 +737,18 @@ def tensorboard_hparams(config: dict) -> dict:
 
 
 def finish(accelerator, model, processor, config: TrainingConfig, args: RunArguments,
-           progress: TrainingProgress, clock: SegmentClock, facts: dict) -> None:
-    """The last model (state_dir/last_model), the reports of the whole run, the summary, the upload."""
+           progress: TrainingProgress, clock: SegmentClock, facts: dict,
+           weight_average: Optional[AveragedModel] = None) -> None:
+    """The last model (state_dir/last_model: the weight average, if any), the reports of the whole run,
+    the summary, the upload."""
     state_dir = Path(config.state_dir)
     clock.count(progress)
     sync_buffers(accelerator, model)
-    save_model(accelerator, model, processor, state_dir / "last_model", progress, facts)
+    last = model if weight_average is None else weight_average.module
+    if weight_average is not None:
+        sync_buffers(accelerator, last)
+    save_model(accelerator, last, processor, state_dir / "last_model", progress, facts)
+    last_digest = weights_digest(accelerator.unwrap_model(last))
     if accelerator.is_main_process and progress.best and (args.output_dir / "config.json").exists():
         write_reports(args.output_dir, progress, facts)  # the card and curves describe the whole run
     digests = gather_object([weights_digest(accelerator.unwrap_model(model))])
@@ -707,7 +759,7 @@ def finish(accelerator, model, processor, config: TrainingConfig, args: RunArgum
         summary = {"epochs": progress.epoch, "chunks_in_epoch": progress.chunks_in_epoch,
                    "global_step": progress.global_step, "best": progress.best,
                    "minutes": progress.train_seconds / 60, "num_processes": accelerator.num_processes,
-                   "weights_sha256_per_process": digests}
+                   "weights_sha256_per_process": digests, "last_model_sha256": last_digest}
         (state_dir / "last_run.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary))
         if args.push_to_hub:
