@@ -110,6 +110,21 @@ def test_card_shows_training_then_test_results_in_text_and_metadata(tiny_model_d
     assert set(json.loads((folder / model_card.TEST_RESULTS).read_text())) == {"test_2014", "test_2016"}
 
 
+def test_a_weight_averaged_run_shows_the_raw_weights_beside_the_average(tiny_model_dir, tmp_path):
+    evals = [_eval(1, 50, 0.20, 0.30), _eval(2, 100, 0.25, 0.25)]
+    evals[1]["raw"] = {**_eval(2, 100, 0.22, 0.27)}
+    folder = _write_run(tmp_path / "ema", "ema", "gru", 2, evals, source=tiny_model_dir)
+    log = json.loads((folder / model_card.TRAINING_LOG).read_text())
+    log["config"]["ema_decay"] = 0.998
+    (folder / model_card.TRAINING_LOG).write_text(json.dumps(log))
+    card = model_card.write_model_card(folder).read_text()
+    assert "exponential moving average of the trained weights (decay 0.998" in card
+    assert "| symbol error rate | raw weights: ExpRate | minutes | CPU-hours |\n|" + "---|" * 10 + "\n" in card
+    # An evaluation from before the average started (a resumed run) has no raw figure.
+    assert "| 1 | 100 | 20.00 | 30.00 | 40.00 | 50.00 | 30.00 | - | 50 |" in card
+    assert "| 2 | 200 | 25.00 | 35.00 | 45.00 | 55.00 | 25.00 | 22.00 | 100 |" in card
+
+
 def test_card_needs_a_training_log(tmp_path):
     with pytest.raises(FileNotFoundError, match="training_log.json"):
         model_card.render_model_card(tmp_path)

@@ -281,10 +281,21 @@ def render_model_card(folder: Path) -> ModelCard:
         f"(substituted, A: {config.get('synthetic_substitution_share') or 0.5:.0%}; composed, B: the rest; "
         "`data_scripts/synth.py`)" if share else ""
     )
+    # With ema_decay the scored weights are a moving average; the raw weights' ExpRate is a column of its own.
+    averaged = any("raw" in e for e in log.get("evals", []))
+    heldout_header = ("| epoch | step | ExpRate | <=1 | <=2 | <=3 | symbol error rate |"
+                      + (" raw weights: ExpRate |" if averaged else "") + " minutes | CPU-hours |")
     heldout_rows = "\n".join(
         f"| {_epoch(e['epoch'])} | {e['step']} | {_percent(e['exprate'])} | {_percent(e['le1'])} | {_percent(e['le2'])} "
-        f"| {_percent(e['le3'])} | {_percent(e['ser'])} | {e['minutes']:.0f} | {eval_cpu_hours(log, e):.2f} |"
+        f"| {_percent(e['le3'])} | {_percent(e['ser'])} |"
+        + (f" {_percent(e['raw']['exprate']) if 'raw' in e else '-'} |" if averaged else "")
+        + f" {e['minutes']:.0f} | {eval_cpu_hours(log, e):.2f} |"
         for e in log.get("evals", [])
+    )
+    average_desc = (
+        f"\n- The weights are an exponential moving average of the trained weights (decay {config['ema_decay']}, "
+        "BatchNorm statistics averaged too), updated after every optimizer step: the average is what was "
+        "scored, chosen and saved." if config.get("ema_decay") else ""
     )
     commands = log.get("commands") or []
     # Logs written before the command was recorded: the run's config file says the same.
@@ -323,7 +334,7 @@ tokens out. {origin} on the CROHME 2014/2016 training set with this project's `t
   ({log.get('cpu_hours', cpu_hours(log, 60 * hours)):.2f} CPU-hours) on {log.get('hardware', 'unknown hardware')}.
 - Optimizer {config['optimizer']}, learning rate {config['learning_rate']}, schedule {config['lr_scheduler']}
   over {config['num_epochs']} epochs (warmup {config['warmup_steps']} steps), mixed precision
-  {config['mixed_precision']}, pixel budget {config['pixel_budget']} per batch.
+  {config['mixed_precision']}, pixel budget {config['pixel_budget']} per batch.{average_desc}
 
 ## Use
 
@@ -352,8 +363,8 @@ From the command line: `python -m modeling_hmer.predict expression.png --num_bea
 {_test_section(tests, str(folder))}
 ## Held-out slice, per evaluation (greedy decoding, %)
 
-| epoch | step | ExpRate | <=1 | <=2 | <=3 | symbol error rate | minutes | CPU-hours |
-|---|---|---|---|---|---|---|---|---|
+{heldout_header}
+|{'---|' * heldout_header.count(' |')}
 {heldout_rows}
 
 ![training curves](training_curves.png)
