@@ -1,12 +1,10 @@
 """Latency of the Space: time from request to answer, median and 95th percentile.
 
-Starts space/app.py on 127.0.0.1 in this process and sends requests one at a time with gradio_client,
-cycling through the drawings in space/examples/ (made on the sketch pad by the browser test):
-
-- `api`: the `/recognize` endpoint (image file in, LaTeX and candidates out);
-- `ui`: what the Recognize button runs (sketch pad value in; LaTeX, rendered formula, candidates
-  table and one attention picture per token out; the time stops when the result arrives, before
-  the browser would fetch the pictures).
+Starts space/app.py on 127.0.0.1 in this process and sends requests one at a time with gradio_client
+to the `/recognize` endpoint (image file in, LaTeX and candidates out), cycling through the drawings
+in space/examples/ (made on the sketch pad by the browser test). The page's own events (the
+Recognize buttons) are private, so no client can call them: tests/test_space_browser.py drives them
+in a browser instead.
 
 Without a trained model (no --model, no checkpoints/), a model with the default architecture
 (densenet-b encoder, GRU decoder) and random weights is used; since random weights stop at random
@@ -69,7 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (app.py's default: 1)")
     parser.add_argument("--requests", type=int, default=40, help="timed requests per setting")
     parser.add_argument("--num_beams", type=int, nargs="+", default=[1, 5])
-    parser.add_argument("--endpoints", nargs="+", default=["api", "ui"], choices=["api", "ui"])
     parser.add_argument("--tokens", type=int, default=12, help="output length of the random-weight model")
     parser.add_argument("--images", nargs="*", default=None, help="drawings to send (default: space/examples/*.png)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -98,30 +95,26 @@ def main(argv: list[str] | None = None) -> dict:
     # pictures after that (not timed).
     client = Client(demo.local_url, verbose=False, download_files=False)
 
-    def request(endpoint: str, image: str, beams: int):
-        if endpoint == "api":
-            return client.predict(handle_file(image), beams, api_name="/recognize")
-        sketch = {"background": None, "layers": [], "composite": handle_file(image)}
-        return client.predict(sketch, None, beams, api_name="/recognize_ui")
+    def request(image: str, beams: int):
+        return client.predict(handle_file(image), beams, api_name="/recognize")
 
     results = []
     try:
-        for endpoint in args.endpoints:
-            for beams in args.num_beams:
-                for image in images:  # warm-up: one of each
-                    request(endpoint, image, beams)
-                times = []
-                for k in range(args.requests):
-                    start = time.perf_counter()
-                    request(endpoint, images[k % len(images)], beams)
-                    times.append(time.perf_counter() - start)
-                row = {
-                    "endpoint": endpoint, "num_beams": beams, "requests": len(times),
-                    "median_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 95),
-                }
-                results.append(row)
-                print(f"{endpoint:4s} beam {beams:2d}: median {row['median_ms']:6.0f} ms, p95 {row['p95_ms']:6.0f} ms "
-                      f"({len(times)} requests)", flush=True)
+        for beams in args.num_beams:
+            for image in images:  # warm-up: one of each
+                request(image, beams)
+            times = []
+            for k in range(args.requests):
+                start = time.perf_counter()
+                request(images[k % len(images)], beams)
+                times.append(time.perf_counter() - start)
+            row = {
+                "endpoint": "/recognize", "num_beams": beams, "requests": len(times),
+                "median_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 95),
+            }
+            results.append(row)
+            print(f"/recognize beam {beams:2d}: median {row['median_ms']:6.0f} ms, p95 {row['p95_ms']:6.0f} ms "
+                  f"({len(times)} requests)", flush=True)
     finally:
         demo.close()
         workdir.cleanup()
