@@ -157,6 +157,12 @@ def test_runs_compare_at_an_equal_cpu_budget(tiny_model_dir, tmp_path, capsys):
     assert str(one) not in card and str(two) not in card
     compare_runs.main([str(one), str(two), "--card", str(card_dir)])
     assert "each for all of its CPU-hours" in (card_dir / "README.md").read_text()
+    assert "These runs came before these weights" not in card  # the card's run `gru` is one of them
+    # Weights of a later run that kept the comparison: the card says the comparison chose their recipe.
+    log = json.loads((card_dir / model_card.TRAINING_LOG).read_text())
+    log["config"]["run_name"] = "gru_later"
+    (card_dir / model_card.TRAINING_LOG).write_text(json.dumps(log))
+    assert "These runs came before these weights (see the lineage)" in model_card.write_model_card(card_dir).read_text()
 
 
 def test_a_run_short_of_the_budget_is_named(tiny_model_dir, tmp_path):
@@ -227,5 +233,7 @@ def test_runs_of_two_data_recipes_show_the_test_figures_of_their_chosen_weights(
     card_dir = _write_run(tmp_path / "release", "gru", "gru", 1, [_eval(2, 120, 0.05, 0.6)], source=tiny_model_dir)
     compare_runs.main([str(real), str(synth), "--budget_hours", "2", "--card", str(card_dir)])
     card = (card_dir / "README.md").read_text()
-    assert "| CROHME 2014 test |" in card.split("## Runs compared at an equal budget")[1].split("\n\n")[2]
+    table = next(part for part in card.split("## Runs compared at an equal budget")[1].split("\n\n")
+                 if part.startswith("| run |"))
+    assert "| CROHME 2014 test |" in table.splitlines()[0]
     assert "| **47.00** | " in card and " 32.45 |" in card

@@ -180,9 +180,13 @@ def _test_section(tests: dict, folder_hint: str) -> str:
     return "\n".join(lines)
 
 
-def _comparison_section(comparison: Optional[dict]) -> str:
+def _comparison_section(comparison: Optional[dict], run_name: str) -> str:
     if not comparison:
         return ""
+    # A comparison kept from an earlier run of the lineage tells how the recipe was chosen, not these weights.
+    earlier = run_name not in {r["run"] for r in comparison["rows"]}
+    origin = ("\nThese runs came before these weights (see the lineage): their comparison chose the data recipe "
+              "that the later runs kept.\n" if earlier else "")
     splits = sorted({split for r in comparison["rows"] for split in r.get("tests", {})})
     rows = "\n".join(
         f"| {r['run']} | {r['decoder']} | {r.get('recipe', '')} | {r['parameters_m']:.2f}M | {r['cpu_hours']:.2f} "
@@ -196,7 +200,7 @@ def _comparison_section(comparison: Optional[dict]) -> str:
     budget = f"for at most {hours:g} CPU-hours" if hours is not None else "each for all of its CPU-hours"
     return f"""
 ## Runs compared at an equal budget
-
+{origin}
 The same start and schedule for each run, {budget} (wall time x processes
 x threads); the best held-out evaluation within that budget (greedy decoding, %). Test columns: the chosen
 weights on the test sets (beam 5), measured after choosing. Made by `python -m train.compare_runs`.
@@ -368,7 +372,7 @@ From the command line: `python -m modeling_hmer.predict expression.png --num_bea
 {heldout_rows}
 
 ![training curves](training_curves.png)
-{_comparison_section(_read_json(folder / COMPARISON))}
+{_comparison_section(_read_json(folder / COMPARISON), name)}
 ## Reproduce
 
 ```
