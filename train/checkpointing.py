@@ -117,10 +117,14 @@ def save_training_state(accelerator: Accelerator, state_dir: Path, step: int, ke
     return final
 
 
-def custom_objects_in_latest_state(state_dir: Path) -> Optional[int]:
-    """How many custom objects (`custom_checkpoint_<i>.pkl`) the latest state holds; None without a state."""
+# Custom object indices in a state: 0 the scheduler, 1 the progress, 2 the weight average (with ema_decay).
+WEIGHT_AVERAGE_INDEX = 2
+
+
+def latest_state_lacks_weight_average(state_dir: Path) -> bool:
+    """True if there is a saved state and it holds no weight average (an older run, or ema_decay newly set)."""
     states = state_folders(state_dir)
-    return len(list(states[-1].glob("custom_checkpoint_*.pkl"))) if states else None
+    return bool(states) and not (states[-1] / f"custom_checkpoint_{WEIGHT_AVERAGE_INDEX}.pkl").is_file()
 
 
 def resume_from_latest_state(accelerator: Accelerator, state_dir: Path, progress: TrainingProgress,

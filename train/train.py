@@ -76,7 +76,7 @@ from transformers import get_scheduler  # noqa: E402
 from train.checkpointing import (  # noqa: E402
     SavedLRScheduler,
     TrainingProgress,
-    custom_objects_in_latest_state,
+    latest_state_lacks_weight_average,
     resume_from_latest_state,
     resume_with_other_process_count,  # noqa: F401  (tests import it from here)
     save_training_state,
@@ -298,19 +298,19 @@ def build_weight_average(accelerator: Accelerator, model, config: TrainingConfig
 def resume_or_start(accelerator: Accelerator, config: TrainingConfig, args: RunArguments, model,
                     weight_average: Optional[AveragedModel], progress: TrainingProgress, lr_scheduler,
                     clock: SegmentClock) -> None:
-    """Registers the weight average for checkpointing (custom object 2, after the scheduler and the
-    progress) and, with `--resume`, loads the latest state. A state saved without an average (an
+    """Registers the weight average for checkpointing (custom object `checkpointing.WEIGHT_AVERAGE_INDEX`, after the
+    scheduler and the progress) and, with `--resume`, loads the latest state. A state saved without an average (an
     older run, or `ema_decay` newly set) starts the average from the resumed weights."""
-    saved_objects = custom_objects_in_latest_state(Path(config.state_dir)) if args.resume else None
-    restart_average = weight_average is not None and saved_objects is not None and saved_objects < 3
+    restart_average = (weight_average is not None and args.resume
+                       and latest_state_lacks_weight_average(Path(config.state_dir)))
     if weight_average is not None and not restart_average:
         accelerator.register_for_checkpointing(weight_average)
     if args.resume:
         resume_from_latest_state(accelerator, Path(config.state_dir), progress, lr_scheduler,
                                  config.batches_per_chunk, clock.compute_units)
     if restart_average:
+        # Not loaded from the state, so it still holds the starting weights (and n_averaged 0).
         weight_average.module.load_state_dict(accelerator.unwrap_model(model).state_dict())
-        weight_average.n_averaged.zero_()
         accelerator.register_for_checkpointing(weight_average)
         accelerator.print("the resumed state holds no weight average: it starts from the resumed weights")
 
