@@ -223,7 +223,8 @@ def recipe_in_words(data: dict, short: bool = False) -> str:
         return f"{synthetic:.0%} synthetic" if synthetic else "real data only"
     parts = [f"held out by {data.get('heldout_by') or 'expression'}",
              "stroke augmentation" if data.get("augment", True) else "no augmentation",
-             f"{synthetic:.0%} synthetic (A share {data.get('synthetic_substitution_share') or 0.5:.0%})"
+             f"{synthetic:.0%} synthetic (A share {data.get('synthetic_substitution_share') or 0.5:.0%}"
+             f"{', B length-matched' if data.get('synthetic_match_length') else ''})"
              if synthetic else "real data only"]
     return ", ".join(parts)
 
@@ -282,7 +283,8 @@ def render_model_card(folder: Path) -> ModelCard:
     share = config.get("synthetic_share") or 0
     synthetic_desc = (
         f", {share:.0%} of each epoch's samples replaced by synthetic expressions in the training writers' ink "
-        f"(substituted, A: {config.get('synthetic_substitution_share') or 0.5:.0%}; composed, B: the rest; "
+        f"(substituted, A: {config.get('synthetic_substitution_share') or 0.5:.0%}; composed, B: the rest"
+        f"{', each as many tokens as the row it stands in for' if config.get('synthetic_match_length') else ''}; "
         "`data_scripts/synth.py`)" if share else ""
     )
     # With ema_decay the scored weights are a moving average; the raw weights' ExpRate is a column of its own.
