@@ -225,7 +225,7 @@ def test_runs_of_two_data_recipes_show_the_test_figures_of_their_chosen_weights(
 
     rows = {r["run"]: r for r in compare_runs.compare([real, synth], 2.0)["rows"]}
     assert rows["synth"]["recipe"].endswith("50% synthetic (A share 50%)")
-    # Composed samples cut to their row's length are a different recipe, and the lineage says so.
+    # Composed samples made as long as the row they stand in for are a different recipe, and the lineage says so.
     assert model_card.recipe_in_words({**log["config"], "synthetic_match_length": True}).endswith(
         "50% synthetic (A share 50%, B length-matched)")
     assert rows["real"]["recipe"].endswith("real data only")

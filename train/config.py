@@ -46,8 +46,8 @@ class TrainingConfig:
     synthetic_substitution_share: float = field(
         default=0.5, metadata={"help": "of the synthetic samples, the share made by substitution (A); the rest composed (B)"})
     # Off by default, so that earlier recipes stay what they were. It does not change the speed (120 steps:
-    # 5.50 min with it, 5.55 without) but it holds less memory: a 2-process synthetic run peaked at 7.9 GB
-    # per process with it, 11-12 GB without. The shipped weights since c5_synth were trained with it.
+    # 5.50 min with it, 5.55 without) but it holds less memory: a 2-process synthetic run held about 8 GB
+    # per process with it, 11-12 GB without (different runs). The shipped weights since c5_synth were trained with it.
     synthetic_match_length: bool = field(default=False, metadata={
         "help": "a composed (B) sample has as many tokens as the row it stands in for, so it fits that row's batch"})
     pixel_budget: int = field(default=400_000, metadata={"help": "padded pixels per batch (size x height x width)"})
