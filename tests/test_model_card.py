@@ -185,9 +185,12 @@ def test_a_fine_tuned_run_records_and_shows_its_whole_lineage_without_local_path
     log = json.loads((first / model_card.TRAINING_LOG).read_text())
     log["best"]["cpu_hours"], log["cpu_hours"] = 4.0, 4.5
     (first / model_card.TRAINING_LOG).write_text(json.dumps(log))
+    # first's weights were measured on one test set before second started from them.
+    (first / model_card.TEST_RESULTS).write_text(json.dumps({"test_2014": {"exprate": 0.3312, "n_scored": 986}}))
     name, lineage = parent_lineage(str(first))
     assert name == "first" and [run["run_name"] for run in lineage] == ["first"]
     assert (lineage[0]["chosen_epoch"], lineage[0]["chosen_cpu_hours"], lineage[0]["cpu_hours"]) == (2, 4.0, 4.5)
+    assert lineage[0]["chosen_heldout_exprate"] == 0.4 and lineage[0]["tests"] == {"test_2014": 0.3312}
 
     second = _write_run(tmp_path / "second", "second", "gru", 2, [_eval(1, 60, 0.5, 0.1)])
     log = json.loads((second / model_card.TRAINING_LOG).read_text())
@@ -196,9 +199,17 @@ def test_a_fine_tuned_run_records_and_shows_its_whole_lineage_without_local_path
     log["commands"] = [reproduce_command(["--config", "c.yaml", "--init_from", str(first),
                                           "--output_dir", str(tmp_path / "second")], 2)]
     (second / model_card.TRAINING_LOG).write_text(json.dumps(log))
+    figures = {"n_scored": 986, "n_skipped": 0, "le1": 0.5, "le2": 0.6, "le3": 0.7, "ser": 0.2, "ms_per_image": 150.0,
+               "settings": {"num_beams": 5}}
+    (second / model_card.TEST_RESULTS).write_text(json.dumps({"test_2014": {**figures, "exprate": 0.35},
+                                                              "test_2016": {**figures, "exprate": 0.36}}))
     card = str(model_card.render_model_card(second))
     assert "Fine-tuned from the `first` run" in card
-    assert "| `first` | held out by expression, stroke augmentation, real data only | 2 | 2 | 4.00 | 4.50 |" in card
+    # Each row scores the checkpoint handed on: the learning curve along the lineage, "-" where unmeasured.
+    assert ("| `first` | held out by expression, stroke augmentation, real data only | 2 | 2 | 4.00 | 4.50 | 4.00 "
+            "| 40.00 | 33.12 | - |") in card
+    assert "| `second` (these weights) | held out by expression, stroke augmentation, real data only | 1 | 1 | 1.50 " \
+           "| 2.00 | 5.50 | 50.00 | 35.00 | 36.00 |" in card
     assert "**5.50 CPU-hours** of training lead to these weights." in card
     assert "--init_from PARENT_MODEL" in card and "--output_dir OUTPUT_DIR" in card
     # Neither the parent's folder nor the output folder of this machine is named (the card's own

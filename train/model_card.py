@@ -29,6 +29,7 @@ TEST_RESULTS = "test_results.json"
 COMPARISON = "comparison.json"
 
 SPLIT_NAMES = {"test_2014": "CROHME 2014 test", "test_2016": "CROHME 2016 test", "train": "CROHME train"}
+LINEAGE_TESTS = ("test_2014", "test_2016")  # the test columns of the lineage table
 # The original project (DenseNet encoder + GRU decoder with coverage, CROHME 2014 test) and the
 # published DWAP result: the bars a release model is measured against.
 REFERENCE_EXPRATES = {"test_2014": {"the original project": 38.6, "published DWAP": 50.1}}
@@ -229,26 +230,42 @@ def recipe_in_words(data: dict, short: bool = False) -> str:
     return ", ".join(parts)
 
 
-def _lineage_section(log: dict) -> str:
-    """Every run these weights descend from, and this one, with CPU-hours up to the checkpoint handed on."""
+def _lineage_section(log: dict, tests: dict) -> str:
+    """Every run these weights descend from, and this one: CPU-hours up to the checkpoint handed on, summed,
+    and that checkpoint's held-out and test ExpRates (the lineage's learning curve). `tests`: this folder's
+    test results."""
     ancestors = log.get("lineage") or []
     if not ancestors:
         return ""
     config, best = log["config"], log.get("best") or {}
+
+    def row(name: str, data: dict, epochs, chosen_epoch, handed_on: float, in_all: float, total: float,
+            heldout: Optional[float], test_exprates: dict) -> str:
+        figures = [_percent(heldout) if heldout is not None else "-"] + [
+            _percent(test_exprates[split]) if split in test_exprates else "-" for split in LINEAGE_TESTS]
+        return (f"| {name} | {recipe_in_words(data)} | {epochs} | {_epoch(chosen_epoch or 0)} | {handed_on:.2f} "
+                f"| {in_all:.2f} | {total:.2f} | " + " | ".join(figures) + " |")
+
     rows, total = [], 0.0
     for run in ancestors:
         handed_on = run.get("chosen_cpu_hours") or 0.0
         total += handed_on
-        rows.append(f"| `{run.get('run_name')}` | {recipe_in_words(run.get('data') or {})} | {run.get('epochs')} "
-                    f"| {_epoch(run.get('chosen_epoch') or 0)} | {handed_on:.2f} | {run.get('cpu_hours') or 0:.2f} |")
+        rows.append(row(f"`{run.get('run_name')}`", run.get("data") or {}, run.get("epochs"), run.get("chosen_epoch"),
+                        handed_on, run.get("cpu_hours") or 0.0, total, run.get("chosen_heldout_exprate"),
+                        run.get("tests") or {}))
     mine = best.get("cpu_hours") or 0.0
     total += mine
-    rows.append(f"| `{config['run_name']}` (these weights) | {recipe_in_words(config)} | {log.get('epochs', 0)} "
-                f"| {_epoch(best.get('epoch', 0))} | {mine:.2f} | {log.get('cpu_hours') or 0:.2f} |")
+    rows.append(row(f"`{config['run_name']}` (these weights)", config, log.get("epochs", 0), best.get("epoch", 0),
+                    mine, log.get("cpu_hours") or 0.0, total, best.get("exprate"),
+                    {split: figures["exprate"] for split, figures in tests.items()}))
+    test_headers = " | ".join(SPLIT_NAMES[split] for split in LINEAGE_TESTS)
     return (
-        "## Lineage\n\nEach run started from the checkpoint the one above it handed on (`--init_from`).\n\n"
-        "| run | data | epochs trained | checkpoint handed on (epoch) | CPU-hours to it | CPU-hours in all |\n"
-        "|---|---|---|---|---|---|\n" + "\n".join(rows)
+        "## Lineage\n\nEach run started from the checkpoint the one above it handed on (`--init_from`). The last "
+        "columns score that checkpoint: on its run's held-out slice (greedy; the slice is named under data) and on "
+        "the test sets (beam search, as measured when it was shipped; - where not measured).\n\n"
+        "| run | data | epochs trained | checkpoint handed on (epoch) | CPU-hours to it | CPU-hours in all "
+        f"| lineage CPU-hours | held-out ExpRate | {test_headers} |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
         + f"\n\n**{total:.2f} CPU-hours** of training lead to these weights.\n\n"
     )
 
@@ -265,7 +282,7 @@ def render_model_card(folder: Path) -> ModelCard:
     model_desc = ", ".join(f"{k}={v}" for k, v in sorted(config["model"].items())) or "HMERConfig defaults"
     origin = (f"Fine-tuned from the `{config['init_from']}` run (see the lineage below)" if config.get("init_from")
               else "Trained from scratch")
-    lineage = _lineage_section(log)
+    lineage = _lineage_section(log, tests)
     n_train = log.get("n_train")
     train_desc = f"{n_train} CROHME training expressions" if n_train else "the CROHME training expressions"
     n_heldout = log.get("n_heldout") or config["heldout_size"]

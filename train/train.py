@@ -628,9 +628,10 @@ def parent_lineage(init_from: Optional[str]) -> tuple[Optional[str], list[dict]]
     """(name, lineage) of the model a run starts from.
 
     `lineage` lists, oldest first, every run the parent descends from and the parent run itself, read
-    from the parent folder's training_log.json: each run's name, data recipe, epochs trained, the epoch
-    and CPU-hours of the checkpoint it handed on, and its CPU-hours in all. `name` replaces the parent's
-    local path in the new run's records (its run name; a Hub id stays as it is).
+    from the parent folder's training_log.json: each run's name, data recipe, epochs trained, the epoch,
+    CPU-hours and held-out ExpRate of the checkpoint it handed on, its test ExpRates (from the parent's
+    test_results.json, when measured) and its CPU-hours in all: the lineage's learning curve. `name`
+    replaces the parent's local path in the new run's records (its run name; a Hub id stays as it is).
     """
     if not init_from:
         return None, []
@@ -639,6 +640,8 @@ def parent_lineage(init_from: Optional[str]) -> tuple[Optional[str], list[dict]]
         return (Path(init_from).name if _is_local_path(init_from) else init_from), []
     log = json.loads(log_path.read_text())
     config, best = log.get("config", {}), log.get("best") or {}
+    tests_path = Path(init_from) / TEST_RESULTS  # measured on the parent's weights, the ones handed on
+    tests = json.loads(tests_path.read_text()) if tests_path.is_file() else {}
     run = {
         "run_name": config.get("run_name"),
         "init_from": config.get("init_from"),
@@ -648,6 +651,8 @@ def parent_lineage(init_from: Optional[str]) -> tuple[Optional[str], list[dict]]
         "cpu_hours": log.get("cpu_hours"),
         "chosen_epoch": best.get("epoch"),
         "chosen_cpu_hours": best.get("cpu_hours"),
+        "chosen_heldout_exprate": best.get("exprate"),
+        "tests": {split: figures["exprate"] for split, figures in tests.items()},
     }
     return config.get("run_name") or Path(init_from).name, [*log.get("lineage", []), run]
 
