@@ -117,7 +117,8 @@ def save_training_state(accelerator: Accelerator, state_dir: Path, step: int, ke
     return final
 
 
-# Custom object indices in a state: 0 the scheduler, 1 the progress, 2 the weight average (with ema_decay).
+# Custom object indices in a state: 0 the scheduler, 1 the progress, 2 the weight average (with ema_decay),
+# the order in which train.resume_or_start registers them.
 WEIGHT_AVERAGE_INDEX = 2
 
 

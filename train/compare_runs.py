@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Optional
 
 from train.model_card import (
-    TEST_RESULTS,
     TRAINING_LOG,
     count_parameters,
     eval_cpu_hours,
+    read_test_exprates,
     record_comparison,
     recipe_in_words,
 )
@@ -41,15 +41,6 @@ def best_within_budget(log: dict, budget_hours: Optional[float]) -> Optional[dic
     """The best held-out evaluation (ExpRate, then lower symbol error rate) within the budget."""
     evals = [e for e in log.get("evals", []) if budget_hours is None or eval_cpu_hours(log, e) <= budget_hours + 1e-9]
     return max(evals, key=lambda e: (e["exprate"], -e["ser"]), default=None)
-
-
-def test_exprates(folder: Path, log: dict) -> dict:
-    """{split: ExpRate} of the folder's weights, if `evaluate_model --update_card` measured them; only when
-    those weights are the run's best evaluation over all (train.py deletes the file when it saves better ones)."""
-    path = Path(folder) / TEST_RESULTS
-    if not path.exists():
-        return {}
-    return {split: figures["exprate"] for split, figures in json.loads(path.read_text()).items()}
 
 
 def compare(folders: list[Path], budget_hours: Optional[float]) -> dict:
@@ -71,7 +62,7 @@ def compare(folders: list[Path], budget_hours: Optional[float]) -> dict:
             **{key: best[key] for key in ("epoch", "step", "exprate", "le1", "le2", "le3", "ser")},
             # the folder holds the weights of the best evaluation over all, which is this one only
             # when the budget does not cut the run short of it
-            "tests": test_exprates(folder, log) if best == log.get("best", best) else {},
+            "tests": read_test_exprates(folder) if best == log.get("best", best) else {},
         })
     ranked = sorted(rows, key=lambda r: (r["exprate"], -r["ser"]), reverse=True)
     if len(ranked) > 1:

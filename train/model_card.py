@@ -39,6 +39,11 @@ def _read_json(path: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def read_test_exprates(folder: Path) -> dict:
+    """{split: ExpRate} of a model folder's test_results.json; {} where no test set was measured."""
+    return {split: figures["exprate"] for split, figures in (_read_json(Path(folder) / TEST_RESULTS) or {}).items()}
+
+
 def _percent(value: float) -> str:
     return f"{100 * value:.2f}"
 
@@ -230,34 +235,47 @@ def recipe_in_words(data: dict, short: bool = False) -> str:
     return ", ".join(parts)
 
 
-def _lineage_section(log: dict, tests: dict) -> str:
+# The config fields that make a run's data recipe (see recipe_in_words), kept for each run of a lineage.
+RECIPE_FIELDS = ("heldout_by", "heldout_size", "augment", "synthetic_share", "synthetic_substitution_share",
+                 "synthetic_match_length")
+
+
+def lineage_entry(log: dict, test_exprates: dict) -> dict:
+    """One run of a lineage, from its training_log.json and the {split: ExpRate} of its best weights: its name,
+    parent, data recipe and epochs trained, the epoch, CPU-hours and held-out ExpRate of the checkpoint it hands
+    on, that checkpoint's test ExpRates, and its CPU-hours in all."""
+    config, best = log.get("config", {}), log.get("best") or {}
+    return {
+        "run_name": config.get("run_name"),
+        "init_from": config.get("init_from"),
+        "data": {key: config.get(key) for key in RECIPE_FIELDS},
+        "epochs": log.get("epochs"),
+        "cpu_hours": log.get("cpu_hours"),
+        "chosen_epoch": best.get("epoch"),
+        "chosen_cpu_hours": best.get("cpu_hours"),
+        "chosen_heldout_exprate": best.get("exprate"),
+        "tests": test_exprates,
+    }
+
+
+def _lineage_section(log: dict, test_exprates: dict) -> str:
     """Every run these weights descend from, and this one: CPU-hours up to the checkpoint handed on, summed,
-    and that checkpoint's held-out and test ExpRates (the lineage's learning curve). `tests`: this folder's
-    test results."""
+    and that checkpoint's held-out and test ExpRates (the lineage's learning curve). `test_exprates`: this
+    folder's, {split: ExpRate}."""
     ancestors = log.get("lineage") or []
     if not ancestors:
         return ""
-    config, best = log["config"], log.get("best") or {}
-
-    def row(name: str, data: dict, epochs, chosen_epoch, handed_on: float, in_all: float, total: float,
-            heldout: Optional[float], test_exprates: dict) -> str:
-        figures = [_percent(heldout) if heldout is not None else "-"] + [
-            _percent(test_exprates[split]) if split in test_exprates else "-" for split in LINEAGE_TESTS]
-        return (f"| {name} | {recipe_in_words(data)} | {epochs} | {_epoch(chosen_epoch or 0)} | {handed_on:.2f} "
-                f"| {in_all:.2f} | {total:.2f} | " + " | ".join(figures) + " |")
-
     rows, total = [], 0.0
-    for run in ancestors:
+    for position, run in enumerate([*ancestors, lineage_entry(log, test_exprates)]):
         handed_on = run.get("chosen_cpu_hours") or 0.0
         total += handed_on
-        rows.append(row(f"`{run.get('run_name')}`", run.get("data") or {}, run.get("epochs"), run.get("chosen_epoch"),
-                        handed_on, run.get("cpu_hours") or 0.0, total, run.get("chosen_heldout_exprate"),
-                        run.get("tests") or {}))
-    mine = best.get("cpu_hours") or 0.0
-    total += mine
-    rows.append(row(f"`{config['run_name']}` (these weights)", config, log.get("epochs", 0), best.get("epoch", 0),
-                    mine, log.get("cpu_hours") or 0.0, total, best.get("exprate"),
-                    {split: figures["exprate"] for split, figures in tests.items()}))
+        name = f"`{run.get('run_name')}`" + (" (these weights)" if position == len(ancestors) else "")
+        heldout, tests = run.get("chosen_heldout_exprate"), run.get("tests") or {}
+        figures = [_percent(heldout) if heldout is not None else "-"] + [
+            _percent(tests[split]) if split in tests else "-" for split in LINEAGE_TESTS]
+        rows.append(f"| {name} | {recipe_in_words(run.get('data') or {})} | {run.get('epochs') or 0} "
+                    f"| {_epoch(run.get('chosen_epoch') or 0)} | {handed_on:.2f} | {run.get('cpu_hours') or 0.0:.2f} "
+                    f"| {total:.2f} | " + " | ".join(figures) + " |")
     test_headers = " | ".join(SPLIT_NAMES[split] for split in LINEAGE_TESTS)
     return (
         "## Lineage\n\nEach run started from the checkpoint the one above it handed on (`--init_from`). The last "
@@ -282,7 +300,7 @@ def render_model_card(folder: Path) -> ModelCard:
     model_desc = ", ".join(f"{k}={v}" for k, v in sorted(config["model"].items())) or "HMERConfig defaults"
     origin = (f"Fine-tuned from the `{config['init_from']}` run (see the lineage below)" if config.get("init_from")
               else "Trained from scratch")
-    lineage = _lineage_section(log, tests)
+    lineage = _lineage_section(log, read_test_exprates(folder))
     n_train = log.get("n_train")
     train_desc = f"{n_train} CROHME training expressions" if n_train else "the CROHME training expressions"
     n_heldout = log.get("n_heldout") or config["heldout_size"]

@@ -92,7 +92,13 @@ from train.data import (  # noqa: E402
     single_thread_worker_init,
 )
 from train.evaluate_model import load_metric, predict_images  # noqa: E402
-from train.model_card import TEST_RESULTS, TRAINING_LOG, write_model_card  # noqa: E402
+from train.model_card import (  # noqa: E402
+    TEST_RESULTS,
+    TRAINING_LOG,
+    lineage_entry,
+    read_test_exprates,
+    write_model_card,
+)
 
 
 def check_optional_dependencies() -> None:
@@ -298,9 +304,11 @@ def build_weight_average(accelerator: Accelerator, model, config: TrainingConfig
 def resume_or_start(accelerator: Accelerator, config: TrainingConfig, args: RunArguments, model,
                     weight_average: Optional[AveragedModel], progress: TrainingProgress, lr_scheduler,
                     clock: SegmentClock) -> None:
-    """Registers the weight average for checkpointing (custom object `checkpointing.WEIGHT_AVERAGE_INDEX`, after the
-    scheduler and the progress) and, with `--resume`, loads the latest state. A state saved without an average (an
-    older run, or `ema_decay` newly set) starts the average from the resumed weights."""
+    """Registers what a state holds beyond the model and optimizer (the scheduler, the progress and the weight
+    average, in the order that names their files: see `checkpointing.WEIGHT_AVERAGE_INDEX`) and, with `--resume`,
+    loads the latest state. A state saved without an average (an older run, or `ema_decay` newly set) starts the
+    average from the resumed weights."""
+    accelerator.register_for_checkpointing(SavedLRScheduler(lr_scheduler), progress)
     restart_average = (weight_average is not None and args.resume
                        and latest_state_lacks_weight_average(Path(config.state_dir)))
     if weight_average is not None and not restart_average:
@@ -639,22 +647,9 @@ def parent_lineage(init_from: Optional[str]) -> tuple[Optional[str], list[dict]]
     if not log_path.is_file():
         return (Path(init_from).name if _is_local_path(init_from) else init_from), []
     log = json.loads(log_path.read_text())
-    config, best = log.get("config", {}), log.get("best") or {}
-    tests_path = Path(init_from) / TEST_RESULTS  # measured on the parent's weights, the ones handed on
-    tests = json.loads(tests_path.read_text()) if tests_path.is_file() else {}
-    run = {
-        "run_name": config.get("run_name"),
-        "init_from": config.get("init_from"),
-        "data": {key: config.get(key) for key in ("heldout_by", "heldout_size", "augment", "synthetic_share",
-                                                  "synthetic_substitution_share", "synthetic_match_length")},
-        "epochs": log.get("epochs"),
-        "cpu_hours": log.get("cpu_hours"),
-        "chosen_epoch": best.get("epoch"),
-        "chosen_cpu_hours": best.get("cpu_hours"),
-        "chosen_heldout_exprate": best.get("exprate"),
-        "tests": {split: figures["exprate"] for split, figures in tests.items()},
-    }
-    return config.get("run_name") or Path(init_from).name, [*log.get("lineage", []), run]
+    # The parent folder's test results were measured on its weights, the ones handed on.
+    run = lineage_entry(log, read_test_exprates(Path(init_from)))
+    return run["run_name"] or Path(init_from).name, [*log.get("lineage", []), run]
 
 
 def push_folder_to_hub(folder: Path, repo_id: str, message: str) -> str:
@@ -683,7 +678,6 @@ def main(argv=None) -> None:
         accelerator, config, data, args.init_from)
     weight_average = build_weight_average(accelerator, model, config)
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(SavedLRScheduler(lr_scheduler), progress)
     StopOnSignal(accelerator)  # Ctrl+C or SIGTERM from here on: finish the chunk, save, evaluate, then stop
     resume_or_start(accelerator, config, args, model, weight_average, progress, lr_scheduler, clock)
     progress.commands.append(reproduce_command(sys.argv[1:] if argv is None else argv, accelerator.num_processes))
