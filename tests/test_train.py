@@ -765,3 +765,13 @@ def test_progress_state_from_before_chunks_is_converted():
     progress.load_state_dict(old)
     assert progress.global_step == 17 and progress.legacy_batches_in_epoch == 17
     assert not hasattr(progress, "batches_in_epoch")
+
+
+def test_bigger_chunks_leave_less_padding_in_real_training_batches(shared_crohme):
+    """Augmentation rescales each image after the sampler grouped rows by size: re-splitting more
+    batches at once (a bigger chunk) finds better partners (`python -m train.bench --padding`)."""
+    from train.bench import padding_shares
+
+    shares = padding_shares(str(shared_crohme), [4, 16], num_batches=64, synthetic_share=0.5)
+    assert [shares[k]["batches"] for k in (4, 16)] == [64, 64]
+    assert 0 < shares[16]["padding"] < shares[4]["padding"] < 0.5

@@ -4,6 +4,7 @@
     python -m train.bench --quick    # the default model only, fewer settings and repeats
     python -m train.bench --profile  # where the time of a training step and of greedy decoding goes
     python -m train.bench --inputs   # ms of the input path: rendering, augmentation, the image processor
+    python -m train.bench --padding --data_dir ../shared/crohme   # padded share of real training batches
 
 Training: images per second of a full step (forward, backward, AdamW) on a batch of 8 images of
 one size with 40-token targets. Inference: milliseconds per image to decode one image with greedy
@@ -221,11 +222,48 @@ def input_path_ms(repeats: int = 5) -> dict:
     }
 
 
+def padding_shares(data_dir: str, batches_per_chunk: list[int], num_batches: int, synthetic_share: float) -> dict:
+    """Share of padding in the pixels of real training batches, for each number of batches per chunk.
+
+    The sampler groups rows by their standard render's size, but augmentation rescales each image
+    (and a synthetic sample replaces its row by another formula), so a batch's images differ in
+    size again; the collator re-splits each chunk by the real sizes. The first `num_batches`
+    batches of epoch 0 are rendered as training renders them, with the default recipe otherwise.
+    """
+    from accelerate import Accelerator
+
+    from modeling_hmer.image_processing_hmer import HMERImageProcessor
+    from train.config import TrainingConfig
+    from train.data import padding_efficiency, split_by_size
+    from train.train import build_data
+
+    processor = HMERImageProcessor()
+    shares = {}
+    for chunk_size in batches_per_chunk:
+        config = TrainingConfig(batches_per_chunk=chunk_size, heldout_by="expression_unseen",
+                                synthetic_share=synthetic_share, synthetic_match_length=synthetic_share > 0)
+        data = build_data(Accelerator(cpu=True), config, data_dir, None)
+        sizes, batches = [], []
+        for chunk in data.sampler.chunks(0)[: max(1, num_batches // chunk_size)]:
+            in_chunk = [processor.to_model_image(data.train_set[(0, position)]["image"]).shape[:2] for position in chunk]
+            batches += [[len(sizes) + i for i in batch] for batch in split_by_size(in_chunk, chunk_size)]
+            sizes += in_chunk
+        shares[chunk_size] = {"images": len(sizes), "batches": len(batches),
+                              "padding": 1 - padding_efficiency(sizes, batches)}
+    return shares
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="default model, fp32 and bf16 + channels_last only")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables instead")
     parser.add_argument("--inputs", action="store_true", help="time the input path (render, augment, processor) instead")
+    parser.add_argument("--padding", action="store_true",
+                        help="padded share of real training batches (needs --data_dir) instead")
+    parser.add_argument("--data_dir", default=None, help="padding: the CROHME folder")
+    parser.add_argument("--batches_per_chunk", type=int, nargs="+", default=[4, 16, 32], help="padding: chunk sizes")
+    parser.add_argument("--padding_batches", type=int, default=512, help="padding: batches rendered per chunk size")
+    parser.add_argument("--synthetic_share", type=float, default=0.5, help="padding: as in training")
     parser.add_argument("--decoders", nargs="+", default=None, choices=["gru", "transformer"])
     parser.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS))
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -246,6 +284,13 @@ def main(argv=None) -> list[dict]:
         print("\n| input step | ms |\n|---|---|")
         print("\n".join(f"| {name} | {ms:.1f} |" for name, ms in figures.items()))
         return [figures]
+    if args.padding:
+        if not args.data_dir:
+            parser.error("--padding needs --data_dir (the CROHME folder)")
+        shares = padding_shares(args.data_dir, args.batches_per_chunk, args.padding_batches, args.synthetic_share)
+        print("\n| batches per chunk | images | batches | padded share of the pixels |\n|---|---|---|---|")
+        print("\n".join(f"| {k} | {v['images']} | {v['batches']} | {100 * v['padding']:.1f}% |" for k, v in shares.items()))
+        return [shares]
     if args.profile:
         profile((args.decoders or ["gru"])[0], args.sizes[1] if len(args.sizes) > 1 else args.sizes[0],
                 args.batch_size, args.target_length, args.rows)
