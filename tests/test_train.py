@@ -768,10 +768,13 @@ def test_progress_state_from_before_chunks_is_converted():
 
 
 def test_bigger_chunks_leave_less_padding_in_real_training_batches(shared_crohme):
-    """Augmentation rescales each image after the sampler grouped rows by size: re-splitting more
-    batches at once (a bigger chunk) finds better partners (`python -m train.bench --padding`)."""
-    from train.bench import padding_shares
+    """Augmentation rescales each image after the sampler planned batches by size: re-splitting more
+    batches at once (a bigger chunk) finds better partners for the same images
+    (`python -m train.bench --chunks` also times training on them)."""
+    from train.bench import chunking_cost
 
-    shares = padding_shares(str(shared_crohme), [4, 16], num_batches=64, synthetic_share=0.5)
-    assert [shares[k]["batches"] for k in (4, 16)] == [64, 64]
-    assert 0 < shares[16]["padding"] < shares[4]["padding"] < 0.5
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints"  # its processor collates
+    figures = chunking_cost(str(shared_crohme), [4, 16], num_batches=64, model_dir=str(shipped))
+    assert [figures[k]["batches"] for k in (4, 16)] == [64, 64]
+    assert figures[4]["images"] == figures[16]["images"] > 64
+    assert 0 < figures[16]["padding"] < figures[4]["padding"] < 0.5

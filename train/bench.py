@@ -4,7 +4,7 @@
     python -m train.bench --quick    # the default model only, fewer settings and repeats
     python -m train.bench --profile  # where the time of a training step and of greedy decoding goes
     python -m train.bench --inputs   # ms of the input path: rendering, augmentation, the image processor
-    python -m train.bench --padding --data_dir ../shared/crohme   # padded share of real training batches
+    python -m train.bench --chunks --data_dir ../shared/crohme   # padding and speed of real batches per chunk size
 
 Training: images per second of a full step (forward, backward, AdamW) on a batch of 8 images of
 one size with 40-token targets. Inference: milliseconds per image to decode one image with greedy
@@ -222,35 +222,77 @@ def input_path_ms(repeats: int = 5) -> dict:
     }
 
 
-def padding_shares(data_dir: str, batches_per_chunk: list[int], num_batches: int, synthetic_share: float) -> dict:
-    """Share of padding in the pixels of real training batches, for each number of batches per chunk.
+def chunking_cost(data_dir: str, batches_per_chunk: list[int], num_batches: int, timed_batches: int = 0,
+                  model_dir: str = "checkpoints", synthetic_share: float = 0.5) -> dict:
+    """Padding and training speed of the same real training images, collated in chunks of each size.
 
-    The sampler groups rows by their standard render's size, but augmentation rescales each image
-    (and a synthetic sample replaces its row by another formula), so a batch's images differ in
-    size again; the collator re-splits each chunk by the real sizes. The first `num_batches`
-    batches of epoch 0 are rendered as training renders them, with the default recipe otherwise.
+    The sampler plans batches from each row's standard render, but augmentation rescales every image
+    (and a synthetic sample replaces its row by another formula), so the collator re-splits each chunk
+    of planned batches by the real sizes; a bigger chunk gives it more images to pair. Groups of
+    max(batches_per_chunk) consecutive planned batches of epoch 0, drawn at random, are rendered
+    once as training renders them; each chunk size splits every group into chunks. With
+    `timed_batches` (a multiple of the largest chunk size, so that every size times the same images),
+    that many training steps of the `model_dir` model (one thread, bf16 + channels_last) are timed.
+
+    Returns {chunk size: {"images", "batches", "padding" (share of the batch pixels),
+    "images_per_s" (with timed_batches)}}.
     """
+    import numpy as np
     from accelerate import Accelerator
 
-    from modeling_hmer.image_processing_hmer import HMERImageProcessor
+    from modeling_hmer import HMERProcessor
     from train.config import TrainingConfig
-    from train.data import padding_efficiency, split_by_size
+    from train.data import HMERCollator, size_grouped_batches
     from train.train import build_data
 
-    processor = HMERImageProcessor()
-    shares = {}
+    largest = max(batches_per_chunk)
+    if timed_batches % largest:
+        raise ValueError(f"timed_batches must be a multiple of {largest}, got {timed_batches}")
+    config = TrainingConfig(heldout_by="expression_unseen", synthetic_share=synthetic_share,
+                            synthetic_match_length=synthetic_share > 0)
+    data = build_data(Accelerator(cpu=True), config, data_dir, None)
+    sampler = data.sampler
+    planned = size_grouped_batches(sampler.sizes, sampler.pixel_budget, sampler.max_batch_size,
+                                   np.random.default_rng((sampler.seed, 0)), sampler.jitter)
+    draw = np.random.default_rng(0).permutation(len(planned) // largest)[: max(1, num_batches // largest)]
+    groups = [planned[g * largest:(g + 1) * largest] for g in draw]
+    items = {position: data.train_set[(0, position)] for group in groups for batch in group for position in batch}
+    processor = HMERProcessor.from_pretrained(model_dir)
+    results = {}
     for chunk_size in batches_per_chunk:
-        config = TrainingConfig(batches_per_chunk=chunk_size, heldout_by="expression_unseen",
-                                synthetic_share=synthetic_share, synthetic_match_length=synthetic_share > 0)
-        data = build_data(Accelerator(cpu=True), config, data_dir, None)
-        sizes, batches = [], []
-        for chunk in data.sampler.chunks(0)[: max(1, num_batches // chunk_size)]:
-            in_chunk = [processor.to_model_image(data.train_set[(0, position)]["image"]).shape[:2] for position in chunk]
-            batches += [[len(sizes) + i for i in batch] for batch in split_by_size(in_chunk, chunk_size)]
-            sizes += in_chunk
-        shares[chunk_size] = {"images": len(sizes), "batches": len(batches),
-                              "padding": 1 - padding_efficiency(sizes, batches)}
-    return shares
+        collator = HMERCollator(processor, chunk_size)
+        batches = [batch for group in groups for start in range(0, largest, chunk_size)
+                   for batch in collator([items[p] for planned_batch in group[start:start + chunk_size]
+                                          for p in planned_batch])]
+        image_pixels = sum(int(batch["pixel_mask"].sum()) for batch in batches)
+        results[chunk_size] = {"images": len(items), "batches": len(batches),
+                               "padding": 1 - image_pixels / sum(batch["pixel_mask"].numel() for batch in batches)}
+        if timed_batches:
+            results[chunk_size]["images_per_s"] = _train_images_per_second_on(model_dir, batches[:timed_batches])
+    return results
+
+
+def _train_images_per_second_on(model_dir: str, batches: list[dict]) -> float:
+    """Images per second of training steps on these batches (after one warm-up step), as train.py runs them."""
+    from modeling_hmer import HMERForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = HMERForConditionalGeneration.from_pretrained(model_dir).to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step(batch):
+        with autocast(torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(batches[0])
+    start = time.perf_counter()
+    for batch in batches:
+        step(batch)
+    return sum(len(batch["labels"]) for batch in batches) / (time.perf_counter() - start)
 
 
 def main(argv=None) -> list[dict]:
@@ -258,12 +300,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="default model, fp32 and bf16 + channels_last only")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables instead")
     parser.add_argument("--inputs", action="store_true", help="time the input path (render, augment, processor) instead")
-    parser.add_argument("--padding", action="store_true",
-                        help="padded share of real training batches (needs --data_dir) instead")
-    parser.add_argument("--data_dir", default=None, help="padding: the CROHME folder")
-    parser.add_argument("--batches_per_chunk", type=int, nargs="+", default=[4, 16, 32], help="padding: chunk sizes")
-    parser.add_argument("--padding_batches", type=int, default=512, help="padding: batches rendered per chunk size")
-    parser.add_argument("--synthetic_share", type=float, default=0.5, help="padding: as in training")
+    parser.add_argument("--chunks", action="store_true",
+                        help="padding and speed of real training batches per chunk size (needs --data_dir) instead")
+    parser.add_argument("--data_dir", default=None, help="chunks: the CROHME folder")
+    parser.add_argument("--batches_per_chunk", type=int, nargs="+", default=[4, 16], help="chunks: chunk sizes")
+    parser.add_argument("--chunk_batches", type=int, default=512, help="chunks: planned batches rendered")
+    parser.add_argument("--timed_batches", type=int, default=32, help="chunks: training steps timed per chunk size")
+    parser.add_argument("--model_dir", default="checkpoints", help="chunks: the model trained in the timed steps")
+    parser.add_argument("--synthetic_share", type=float, default=0.5, help="chunks: as in training")
     parser.add_argument("--decoders", nargs="+", default=None, choices=["gru", "transformer"])
     parser.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS))
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -284,13 +328,16 @@ def main(argv=None) -> list[dict]:
         print("\n| input step | ms |\n|---|---|")
         print("\n".join(f"| {name} | {ms:.1f} |" for name, ms in figures.items()))
         return [figures]
-    if args.padding:
+    if args.chunks:
         if not args.data_dir:
-            parser.error("--padding needs --data_dir (the CROHME folder)")
-        shares = padding_shares(args.data_dir, args.batches_per_chunk, args.padding_batches, args.synthetic_share)
-        print("\n| batches per chunk | images | batches | padded share of the pixels |\n|---|---|---|---|")
-        print("\n".join(f"| {k} | {v['images']} | {v['batches']} | {100 * v['padding']:.1f}% |" for k, v in shares.items()))
-        return [shares]
+            parser.error("--chunks needs --data_dir (the CROHME folder)")
+        figures = chunking_cost(args.data_dir, args.batches_per_chunk, args.chunk_batches, args.timed_batches,
+                                args.model_dir, args.synthetic_share)
+        print(f"\n| batches per chunk | images | batches | padded share of the pixels | training images/s "
+              f"({args.timed_batches} steps) |\n|---|---|---|---|---|")
+        print("\n".join(f"| {k} | {v['images']} | {v['batches']} | {100 * v['padding']:.1f}% "
+                        f"| {v.get('images_per_s', float('nan')):.2f} |" for k, v in figures.items()))
+        return [figures]
     if args.profile:
         profile((args.decoders or ["gru"])[0], args.sizes[1] if len(args.sizes) > 1 else args.sizes[0],
                 args.batch_size, args.target_length, args.rows)
