@@ -767,6 +767,21 @@ def test_progress_state_from_before_chunks_is_converted():
     assert not hasattr(progress, "batches_in_epoch")
 
 
+
+def test_resuming_with_another_chunk_size_counts_the_batches_done_in_new_chunks():
+    from train.checkpointing import TrainingProgress, resume_with_other_chunk_size
+
+    progress = TrainingProgress(batches_per_chunk=4)
+    progress.epoch, progress.chunks_in_epoch = 1, 10  # 40 batches of epoch 1 done
+    progress.load_state_dict(progress.state_dict())  # the chunk size travels with the state
+    resume_with_other_chunk_size(progress, saved=progress.batches_per_chunk, now=16)
+    assert (progress.epoch, progress.chunks_in_epoch, progress.batches_per_chunk) == (1, 3, 16)  # 48 batches
+    # A state saved before the chunk size was kept loads without one: resumed as it is.
+    old = {k: v for k, v in progress.state_dict().items() if k != "batches_per_chunk"}
+    before = TrainingProgress()
+    before.load_state_dict(old)
+    assert before.batches_per_chunk is None and before.chunks_in_epoch == 3
+
 def test_bigger_chunks_leave_less_padding_in_real_training_batches(shared_crohme):
     """Augmentation rescales each image after the sampler planned batches by size: re-splitting more
     batches at once (a bigger chunk) finds better partners for the same images

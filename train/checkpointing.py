@@ -25,6 +25,7 @@ class TrainingProgress:
 
     epoch: int = 0  # epochs completed
     chunks_in_epoch: int = 0  # chunks of the current epoch done (by each process)
+    batches_per_chunk: Optional[int] = None  # the chunk size chunks_in_epoch counts (None: saved before it was kept)
     global_step: int = 0  # optimizer steps
     train_seconds: float = 0.0  # wall time of all segments
     cpu_seconds: Optional[float] = 0.0  # train_seconds x processes x threads (x GPUs on GPU)
@@ -150,6 +151,14 @@ def resume_from_latest_state(accelerator: Accelerator, state_dir: Path, progress
             f"state saved by an older train.py ({legacy} batches into epoch {progress.epoch}): the rest "
             f"of this epoch continues in the new chunk order, from chunk {progress.chunks_in_epoch}"
         )
+    saved_chunk_size = progress.batches_per_chunk
+    if saved_chunk_size not in (None, batches_per_chunk):
+        resume_with_other_chunk_size(progress, saved_chunk_size, batches_per_chunk)
+        accelerator.print(
+            f"state saved with {saved_chunk_size} batches per chunk, resumed with {batches_per_chunk}: the rest "
+            f"of epoch {progress.epoch} continues in the new chunk order, from chunk {progress.chunks_in_epoch}"
+        )
+    progress.batches_per_chunk = batches_per_chunk
     if saved_processes != accelerator.num_processes:
         resume_with_other_process_count(progress, lr_scheduler, saved_processes, accelerator.num_processes)
         accelerator.print(
@@ -172,3 +181,11 @@ def resume_with_other_process_count(progress: TrainingProgress, lr_scheduler, sa
     """
     move_lr_scheduler(lr_scheduler, round(lr_scheduler.last_epoch * saved / now))
     progress.chunks_in_epoch = progress.chunks_in_epoch * saved // now
+
+
+def resume_with_other_chunk_size(progress: TrainingProgress, saved: int, now: int) -> None:
+    """Continues a state saved with `saved` batches per chunk with `now`: the batches done in the epoch,
+    counted in new chunks (rounded up). The epoch's chunk order depends on the chunk size, so the rest
+    of the epoch is not the rest of the saved order: a few rows come twice or not at all this epoch."""
+    progress.chunks_in_epoch = math.ceil(progress.chunks_in_epoch * saved / now)
+    progress.batches_per_chunk = now

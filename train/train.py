@@ -677,7 +677,7 @@ def main(argv=None) -> None:
     model, processor, optimizer, lr_scheduler, train_loader = build_model_and_optimizer(
         accelerator, config, data, args.init_from)
     weight_average = build_weight_average(accelerator, model, config)
-    progress = TrainingProgress()
+    progress = TrainingProgress(batches_per_chunk=config.batches_per_chunk)
     StopOnSignal(accelerator)  # Ctrl+C or SIGTERM from here on: finish the chunk, save, evaluate, then stop
     resume_or_start(accelerator, config, args, model, weight_average, progress, lr_scheduler, clock)
     progress.commands.append(reproduce_command(sys.argv[1:] if argv is None else argv, accelerator.num_processes))
